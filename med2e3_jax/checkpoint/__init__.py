@@ -1,0 +1,1 @@
+"""PyTorch checkpoint import / export and Orbax checkpoints."""

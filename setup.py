@@ -1,0 +1,31 @@
+"""med2e3-jax: Med-2E3 (2D-enhanced 3D medical multimodal LLM) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="med2e3-jax",
+    version="0.1.0",
+    description="JAX/Flax NNX reimplementation of Med-2E3 (arXiv 2411.12783)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["med2e3_jax", "med2e3_jax.*", "data_pipelines", "data_pipelines.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12.8",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "absl-py",
+        "numpy>=1.26",
+        "ml_dtypes",
+        "safetensors>=0.4",
+        "transformers>=4.46",
+        "tqdm",
+    ],
+    extras_require={
+        # Reading the authors' `pytorch_model.bin` files needs torch; safetensors does not.
+        "torch": ["torch==2.13.0"],
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-timeout"],
+    },
+)
