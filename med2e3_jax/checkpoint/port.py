@@ -261,7 +261,7 @@ def import_tensors(
         num_parameters += value.size
         num_bytes += value.nbytes
     if unused:
-        log.info("deliberately unused tensors: %s", ", ".join(unused))
+        log.debug("deliberately unused tensors: %s", ", ".join(unused))
     report = ImportReport({key: path_str(path) for key, path, _ in plan}, unused, num_parameters, num_bytes)
     return arrays, report
 

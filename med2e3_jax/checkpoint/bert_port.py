@@ -1,0 +1,96 @@
+"""HF BERT <-> `models.bert.BertEncoder`: the port table and the config reader.
+
+`BERT_TABLE` is relative to the state-dict names of transformers `BertModel` (the same in 4.x and 5.x).
+M3D-CLIP stores it under `language_encoder.`, the authors' full Med-2E3 state dict under
+`vision3d_model.vision3d_encoder.language_encoder.`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ml_collections import ConfigDict
+
+from med2e3_jax.checkpoint.port import IDENTITY, LINEAR, PortTable, Rule
+from med2e3_jax.models.bert import ACTIVATIONS
+
+
+def _linear(source: str, target: str) -> tuple[Rule, Rule]:
+    return (
+        Rule(f"{source}.weight", f"{target}.kernel", LINEAR),
+        Rule(f"{source}.bias", f"{target}.bias", IDENTITY),
+    )
+
+
+def _layer_norm(source: str, target: str) -> tuple[Rule, Rule]:
+    return (
+        Rule(f"{source}.weight", f"{target}.scale", IDENTITY),
+        Rule(f"{source}.bias", f"{target}.bias", IDENTITY),
+    )
+
+
+def _embedding(source: str, target: str) -> Rule:
+    return Rule(f"{source}.weight", f"{target}.embedding", IDENTITY)
+
+
+_SRC = "encoder.layer.{i}."
+_DST = "layers.{i}."
+
+BERT_TABLE = PortTable(
+    rules=(
+        _embedding("embeddings.word_embeddings", "embeddings.word_embeddings"),
+        _embedding("embeddings.position_embeddings", "embeddings.position_embeddings"),
+        _embedding("embeddings.token_type_embeddings", "embeddings.token_type_embeddings"),
+        *_layer_norm("embeddings.LayerNorm", "embeddings.layer_norm"),
+        *_linear(_SRC + "attention.self.query", _DST + "attention.query"),
+        *_linear(_SRC + "attention.self.key", _DST + "attention.key"),
+        *_linear(_SRC + "attention.self.value", _DST + "attention.value"),
+        *_linear(_SRC + "attention.output.dense", _DST + "attention.output"),
+        *_layer_norm(_SRC + "attention.output.LayerNorm", _DST + "attention_norm"),
+        *_linear(_SRC + "intermediate.dense", _DST + "intermediate"),
+        *_linear(_SRC + "output.dense", _DST + "output"),
+        *_layer_norm(_SRC + "output.LayerNorm", _DST + "output_norm"),
+        *_linear("pooler.dense", "pooler.dense"),
+    ),
+    # Buffers (arange positions, zero token types) that older checkpoints saved; recomputed by the model.
+    unused=("embeddings.position_ids", "embeddings.token_type_ids"),
+)
+
+# transformers' `BertConfig` defaults: hub config.json files may omit fields equal to them.
+_HF_DEFAULTS = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "position_embedding_type": "absolute",
+}
+
+
+def bert_config_from_hf(hf: Mapping) -> ConfigDict:
+    """The `question_encoder` sub-config from a `BertConfig` dict."""
+    hf = {**_HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    if hf["position_embedding_type"] != "absolute":
+        raise ValueError(
+            f"BERT config: position_embedding_type {hf['position_embedding_type']!r} is not supported "
+            "(only 'absolute')"
+        )
+    if hf["hidden_act"] not in ACTIVATIONS:
+        raise ValueError(f"BERT config: hidden_act {hf['hidden_act']!r} is not one of {sorted(ACTIVATIONS)}")
+    return ConfigDict(
+        {
+            "vocab_size": int(hf["vocab_size"]),
+            "hidden_size": int(hf["hidden_size"]),
+            "num_layers": int(hf["num_hidden_layers"]),
+            "num_heads": int(hf["num_attention_heads"]),
+            "intermediate_size": int(hf["intermediate_size"]),
+            "max_position_embeddings": int(hf["max_position_embeddings"]),
+            "type_vocab_size": int(hf["type_vocab_size"]),
+            "layer_norm_eps": float(hf["layer_norm_eps"]),
+            "hidden_act": str(hf["hidden_act"]),
+        }
+    )

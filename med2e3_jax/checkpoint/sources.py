@@ -1,0 +1,379 @@
+"""Reading the authors' PyTorch checkpoints one tensor at a time, whatever their layout on disk.
+
+Every reader is a `TensorSource` (see `port.py`): keys, shapes and dtypes come from headers (safetensors)
+or from a memory-mapped pickle (`pytorch_model.bin`), and `read` materialises one tensor, so host memory
+stays near the size of the model being filled rather than the checkpoint. `open_checkpoint` recognises the
+layouts of DESIGN.md §2 and presents each as one source in the module-path key namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from med2e3_jax.checkpoint.port import TensorSource
+
+log = logging.getLogger(__name__)
+
+# The authors' release checkpoint: one folder per sub-module, each saved with its module path stripped.
+RELEASE_PREFIXES = {
+    "llm": "llm.",
+    "vision2d_model": "vision2d_model.vision2d_encoder.",
+    "vision2d_connector": "vision2d_connector.",
+    "vision3d_model": "vision3d_model.vision3d_encoder.",
+    "vision3d_connector": "vision3d_connector.",
+}
+
+# What a directory may hold, in order of preference (safetensors needs no torch and no unpickling).
+HF_CHECKPOINT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+_SAFETENSORS_DTYPES = {
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "U16": np.uint16,
+    "I16": np.int16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "U64": np.uint64,
+    "I64": np.int64,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+def require_torch():
+    """torch, imported on demand: only `.bin` files need it."""
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            "reading or writing pytorch_model.bin files needs torch: pip install med2e3-jax[torch]"
+        ) from error
+    return torch
+
+
+def _ml_dtypes_of_torch(torch) -> dict:
+    """torch dtypes numpy lacks -> (ml_dtypes dtype, torch integer dtype of the same width)."""
+    return {
+        torch.bfloat16: (np.dtype(ml_dtypes.bfloat16), torch.int16),
+        torch.float8_e4m3fn: (np.dtype(ml_dtypes.float8_e4m3fn), torch.uint8),
+        torch.float8_e5m2: (np.dtype(ml_dtypes.float8_e5m2), torch.uint8),
+    }
+
+
+def torch_dtype_to_numpy(dtype) -> np.dtype:
+    torch = require_torch()
+    special = _ml_dtypes_of_torch(torch).get(dtype)
+    return special[0] if special else torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+    """A CPU torch tensor as a numpy array (a copy), bit-exact, bfloat16 and float8 included."""
+    torch = require_torch()
+    tensor = tensor.detach().cpu()
+    special = _ml_dtypes_of_torch(torch).get(tensor.dtype)
+    if special:
+        np_dtype, int_dtype = special
+        return tensor.view(int_dtype).numpy().view(np_dtype).copy()
+    return tensor.numpy().copy()
+
+
+def numpy_to_torch(array: np.ndarray):
+    """The inverse of `torch_to_numpy`: a torch tensor with the same bits (sharing memory if possible)."""
+    torch = require_torch()
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # torch.from_numpy warns on read-only memory
+        array = array.copy()
+    for torch_dtype, (np_dtype, int_dtype) in _ml_dtypes_of_torch(torch).items():
+        if array.dtype == np_dtype:
+            view = array.view(torch.empty(0, dtype=int_dtype).numpy().dtype)
+            return torch.from_numpy(view).view(torch_dtype)
+    return torch.from_numpy(array)
+
+
+def _lookup(table: dict, key: str, name: str):
+    try:
+        return table[key]
+    except KeyError:
+        raise KeyError(f"tensor {key!r} is not in {name}") from None
+
+
+class SafetensorsSource(TensorSource):
+    """One `.safetensors` file, memory-mapped; shapes and dtypes from its header."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.name = os.fspath(path)
+        self._file = safe_open(self.name, framework="numpy")
+        self._specs = {}
+        for key in self._file.keys():
+            info = self._file.get_slice(key)
+            dtype = info.get_dtype()
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{self.name}: tensor {key!r} has dtype {dtype}, which numpy cannot hold")
+            self._specs[key] = (tuple(info.get_shape()), np.dtype(_SAFETENSORS_DTYPES[dtype]))
+
+    def keys(self):
+        return list(self._specs)
+
+    def shape(self, key):
+        return self._spec(key)[0]
+
+    def dtype(self, key):
+        return self._spec(key)[1]
+
+    def read(self, key):
+        self._spec(key)
+        return self._file.get_tensor(key)
+
+    def where(self, key):
+        return self.name
+
+    def _spec(self, key):
+        return _lookup(self._specs, key, self.name)
+
+
+class TorchBinSource(TensorSource):
+    """One `pytorch_model.bin` (any `torch.save`d state dict), memory-mapped: only `read` touches data."""
+
+    def __init__(self, path: str | os.PathLike):
+        torch = require_torch()
+        self.name = os.fspath(path)
+        try:
+            state = torch.load(self.name, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as error:
+            if "zipfile" not in str(error):
+                raise
+            # Files from torch < 1.6 (legacy, non-zip format) cannot be memory-mapped.
+            log.warning("%s is in torch's legacy format; loading it whole: %s", self.name, error)
+            state = torch.load(self.name, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{self.name} holds a {type(state).__name__}, not a state dict")
+        self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if len(self._tensors) != len(state):
+            others = sorted(k for k in state if k not in self._tensors)
+            log.info("%s: ignoring non-tensor entries %s", self.name, others)
+
+    def keys(self):
+        return list(self._tensors)
+
+    def shape(self, key):
+        return tuple(self._tensor(key).shape)
+
+    def dtype(self, key):
+        return torch_dtype_to_numpy(self._tensor(key).dtype)
+
+    def read(self, key):
+        return torch_to_numpy(self._tensor(key))
+
+    def where(self, key):
+        return self.name
+
+    def _tensor(self, key):
+        return _lookup(self._tensors, key, self.name)
+
+
+class ShardedSource(TensorSource):
+    """An HF sharded checkpoint: an index JSON whose `weight_map` names each tensor's shard file.
+
+    Shards are opened on first use; all are checked to exist up front so that a missing one fails before
+    any import work, naming the file.
+    """
+
+    shard_source = None  # the class reading one shard; set by the subclasses
+
+    def __init__(self, index_path: str | os.PathLike):
+        self.name = os.fspath(index_path)
+        with open(self.name, encoding="utf-8") as f:
+            index = json.load(f)
+        if "weight_map" not in index:
+            raise ValueError(f"{self.name} has no 'weight_map'; is it a sharded checkpoint index?")
+        directory = os.path.dirname(self.name)
+        self._shard_of = {key: os.path.join(directory, shard) for key, shard in index["weight_map"].items()}
+        missing = sorted({p for p in self._shard_of.values() if not os.path.isfile(p)})
+        if missing:
+            raise FileNotFoundError(f"{self.name} lists shards that do not exist: {', '.join(missing)}")
+        self._shards: dict[str, TensorSource] = {}
+
+    def keys(self):
+        return list(self._shard_of)
+
+    def shape(self, key):
+        return self._shard(key).shape(key)
+
+    def dtype(self, key):
+        return self._shard(key).dtype(key)
+
+    def read(self, key):
+        return self._shard(key).read(key)
+
+    def where(self, key):
+        return _lookup(self._shard_of, key, self.name)
+
+    def _shard(self, key) -> TensorSource:
+        path = self.where(key)
+        if path not in self._shards:
+            self._shards[path] = type(self).shard_source(path)
+        return self._shards[path]
+
+
+class ShardedSafetensorsSource(ShardedSource):
+    """`model.safetensors.index.json` and its `.safetensors` shards."""
+
+    shard_source = SafetensorsSource
+
+
+class ShardedTorchBinSource(ShardedSource):
+    """`pytorch_model.bin.index.json` and its `.bin` shards."""
+
+    shard_source = TorchBinSource
+
+
+class PrefixedSource(TensorSource):
+    """`inner` with `strip_prefix` removed from, then `add_prefix` put in front of, every key.
+
+    Every inner key must start with `strip_prefix`: a key that does not would otherwise vanish from the
+    import without being accounted for.
+    """
+
+    def __init__(self, inner: TensorSource, add_prefix: str = "", strip_prefix: str = ""):
+        self.inner = inner
+        self.name = f"{getattr(inner, 'name', type(inner).__name__)} (keys as {add_prefix}*)"
+        stray = [k for k in inner.keys() if not k.startswith(strip_prefix)]
+        if stray:
+            raise ValueError(
+                f"cannot strip {strip_prefix!r}: {len(stray)} keys in {inner.where(stray[0])} lack it, "
+                f"e.g. {stray[:5]}"
+            )
+        self._inner_key = {add_prefix + k[len(strip_prefix) :]: k for k in inner.keys()}
+
+    def keys(self):
+        return list(self._inner_key)
+
+    def shape(self, key):
+        return self.inner.shape(self._to_inner(key))
+
+    def dtype(self, key):
+        return self.inner.dtype(self._to_inner(key))
+
+    def read(self, key):
+        return self.inner.read(self._to_inner(key))
+
+    def where(self, key):
+        return self.inner.where(self._to_inner(key))
+
+    def _to_inner(self, key):
+        return _lookup(self._inner_key, key, self.name)
+
+
+class MergedSource(TensorSource):
+    """Several sources as one; a key held by two of them is an error naming both files."""
+
+    def __init__(self, sources: Sequence[TensorSource]):
+        self.sources = tuple(sources)
+        self.name = " + ".join(getattr(s, "name", type(s).__name__) for s in self.sources)
+        self._source_of: dict[str, TensorSource] = {}
+        for source in self.sources:
+            for key in source.keys():
+                if key in self._source_of:
+                    raise ValueError(
+                        f"tensor {key!r} is in both {self._source_of[key].where(key)} and {source.where(key)}"
+                    )
+                self._source_of[key] = source
+
+    def keys(self):
+        return list(self._source_of)
+
+    def shape(self, key):
+        return self._source(key).shape(key)
+
+    def dtype(self, key):
+        return self._source(key).dtype(key)
+
+    def read(self, key):
+        return self._source(key).read(key)
+
+    def where(self, key):
+        return self._source(key).where(key)
+
+    def _source(self, key):
+        return _lookup(self._source_of, key, self.name)
+
+
+def _open_file(path: str) -> TensorSource:
+    if path.endswith(".safetensors.index.json"):
+        return ShardedSafetensorsSource(path)
+    if path.endswith(".bin.index.json"):
+        return ShardedTorchBinSource(path)
+    if path.endswith(".safetensors"):
+        return SafetensorsSource(path)
+    if path.endswith((".bin", ".pt", ".pth")):
+        return TorchBinSource(path)
+    raise ValueError(
+        f"{path}: not a checkpoint file (looked for *.safetensors, *.bin, *.pt, *.pth, "
+        "*.safetensors.index.json, *.bin.index.json)"
+    )
+
+
+def _open_hf_directory(directory: str) -> TensorSource | None:
+    for name in HF_CHECKPOINT_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return _open_file(path)
+    return None
+
+
+def open_checkpoint(path: str | os.PathLike) -> tuple[TensorSource, str]:
+    """Opens a PyTorch checkpoint in any of the layouts the authors' weights come in.
+
+    Returns:
+      (source, layout), layout one of
+      - "file": `path` is a `.safetensors` / `.bin` (/ `.pt`, `.pth`) file or a sharded index JSON;
+      - "hf": `path` is a directory holding one of `HF_CHECKPOINT_FILES` (the first found wins);
+      - "release": `path` holds some of the folders of `RELEASE_PREFIXES`, each an HF-style checkpoint
+        with its module prefix stripped; the source puts the prefixes back (module-path keys).
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return _open_file(path), "file"
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: it does not exist")
+    hf = _open_hf_directory(path)
+    if hf is not None:
+        return hf, "hf"
+    folders = [f for f in RELEASE_PREFIXES if os.path.isdir(os.path.join(path, f))]
+    if not folders:
+        raise FileNotFoundError(
+            f"no checkpoint found in {path}: looked for one of {', '.join(HF_CHECKPOINT_FILES)}, or the "
+            f"release layout's sub-folders {', '.join(f + '/' for f in RELEASE_PREFIXES)}"
+        )
+    parts = []
+    for folder in folders:
+        inner = _open_hf_directory(os.path.join(path, folder))
+        if inner is None:
+            raise FileNotFoundError(
+                f"{os.path.join(path, folder)} holds none of {', '.join(HF_CHECKPOINT_FILES)}"
+            )
+        parts.append(PrefixedSource(inner, add_prefix=RELEASE_PREFIXES[folder]))
+    return MergedSource(parts), "release"
+
+
+def iter_tensors(source: TensorSource) -> Iterable[tuple[str, np.ndarray]]:
+    """(key, array) for every tensor of `source`, read one at a time (e.g. to re-shard a checkpoint)."""
+    for key in source.keys():
+        yield key, source.read(key)

@@ -1,0 +1,164 @@
+"""SigLIP vision tower: the slice encoder of Med-2E3.
+
+Every axial slice of the volume is encoded on its own as a 2D image (the caller folds slices into the
+batch). Med-2E3 takes `hidden_states[-1]` of HF's `SiglipVisionModel`, i.e. the output of the last
+encoder layer *before* `post_layernorm`, all tokens (SigLIP has no CLS token). `post_layernorm` and the
+MAP head run in the authors' code but their results are discarded, so they are not modelled here; their
+checkpoint tensors are listed as unused in `checkpoint/siglip_port.py`.
+
+Attribute names follow HF (`embeddings.patch_embedding`, `encoder.layers.N.self_attn.q_proj`, ...) so
+that the port table reads as an identity on names.
+
+Config (`vision2d`): image_size, patch_size, num_channels, hidden_size, intermediate_size, num_layers,
+num_heads, layer_norm_eps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from med2e3_jax.models.attention import dot_product_attention
+
+
+class SiglipEmbeddings(nnx.Module):
+    """Non-overlapping patch projection + learned position embedding (one per patch, no CLS)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.image_size = cfg.image_size
+        self.num_channels = cfg.num_channels
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.dtype = dtype
+        self.patch_embedding = nnx.Conv(
+            cfg.num_channels,
+            cfg.hidden_size,
+            kernel_size=(cfg.patch_size, cfg.patch_size),
+            strides=(cfg.patch_size, cfg.patch_size),
+            padding="VALID",
+            use_bias=True,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.position_embedding = nnx.Embed(
+            self.num_patches, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        """(batch, height, width, channels) -> (batch, tokens, embed), tokens row-major over the patch grid."""
+        _, height, width, channels = pixels.shape
+        if (height, width) != (self.image_size, self.image_size) or channels != self.num_channels:
+            # The checkpoint's position embedding is tied to one grid; HF's interpolation is not supported.
+            raise ValueError(
+                f"SigLIP expects images of {self.image_size}x{self.image_size}x{self.num_channels} "
+                f"(cfg.image_size, cfg.num_channels), got {height}x{width}x{channels}"
+            )
+        patches = self.patch_embedding(pixels.astype(self.dtype))
+        batch, grid_h, grid_w, embed = patches.shape
+        tokens = patches.reshape(batch, grid_h * grid_w, embed)
+        return tokens + self.position_embedding(jnp.arange(self.num_patches))
+
+
+class SiglipAttention(nnx.Module):
+    """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"hidden_size {cfg.hidden_size} is not a multiple of num_heads {cfg.num_heads}")
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.attention_impl = attention_impl
+
+        def linear():
+            return nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        """(batch, tokens, embed) -> (batch, tokens, embed)."""
+        batch, tokens, embed = hidden.shape
+
+        def heads(x):
+            return x.reshape(batch, tokens, self.num_heads, self.head_dim)
+
+        attended = dot_product_attention(
+            heads(self.q_proj(hidden)),
+            heads(self.k_proj(hidden)),
+            heads(self.v_proj(hidden)),
+            mask=None,
+            scale=self.head_dim**-0.5,
+            implementation=self.attention_impl,
+        )
+        return self.out_proj(attended.reshape(batch, tokens, embed))
+
+
+class SiglipMLP(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        # SigLIP is trained with `gelu_pytorch_tanh`, the tanh approximation.
+        return self.fc2(jax.nn.gelu(self.fc1(hidden), approximate=True))
+
+
+class SiglipEncoderLayer(nnx.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
+        def layer_norm():
+            return nnx.LayerNorm(
+                cfg.hidden_size,
+                epsilon=cfg.layer_norm_eps,
+                use_fast_variance=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+
+        self.layer_norm1 = layer_norm()
+        self.self_attn = SiglipAttention(
+            cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        )
+        self.layer_norm2 = layer_norm()
+        self.mlp = SiglipMLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        hidden = hidden + self.self_attn(self.layer_norm1(hidden))
+        return hidden + self.mlp(self.layer_norm2(hidden))
+
+
+class SiglipEncoder(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
+        self.layers = nnx.List(
+            [
+                SiglipEncoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+                for _ in range(cfg.num_layers)
+            ]
+        )
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return hidden
+
+
+class SiglipVisionTower(nnx.Module):
+    """Images -> patch tokens of the last encoder layer (no `post_layernorm`, no pooling head)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
+        self.embeddings = SiglipEmbeddings(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.encoder = SiglipEncoder(
+            cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        )
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        """(batch, height, width, channels) channels-last -> (batch, tokens, embed).
+
+        `tokens` = (image_size / patch_size)**2, row-major over the patch grid like HF. Pixels are used as
+        given: Med-2E3 feeds raw [0, 1] slices without SigLIP's mean/std normalisation.
+        """
+        return self.encoder(self.embeddings(pixels))

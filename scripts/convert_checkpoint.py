@@ -1,0 +1,101 @@
+"""Converts between the authors' PyTorch checkpoints and Orbax.
+
+PyTorch -> Orbax, from a whole model (the authors' state_dict file, or their release layout of five
+folders) or from pretrained components (HF LLM, HF SigLIP, M3D-CLIP or its bare ViT; the connectors
+and TG-IS get a random init, as at the start of stage 1):
+
+    python scripts/convert_checkpoint.py --config configs/med2e3_m3d.py \
+        --checkpoint /path/to/Med-2E3-M3D --out /path/to/orbax
+    python scripts/convert_checkpoint.py --config configs/med2e3_m3d.py \
+        --llm /path/to/Phi-3-mini-128k-instruct --siglip /path/to/siglip-large-patch16-256 \
+        --m3d_clip /path/to/M3D-CLIP --out /path/to/orbax
+
+`--reference_config DIR/config.json` (a golden-fixture config) can stand in for `--config`.
+
+Orbax -> PyTorch (module-path keys, one safetensors file, or the release layout with --layout=release):
+
+    python scripts/convert_checkpoint.py --orbax /path/to/orbax --out model.safetensors
+"""
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from med2e3_jax.checkpoint.importer import export_pytorch
+from med2e3_jax.checkpoint.loading import export_med2e3, load_med2e3
+from med2e3_jax.checkpoint.med2e3_port import FULL_TABLE, config_from_reference
+from med2e3_jax.checkpoint.orbax_params import restore_params, save_params
+from med2e3_jax.checkpoint.writers import write_release_layout
+
+config_flags.DEFINE_config_file("config", None, "model config file (configs/*.py)", lock_config=False)
+flags.DEFINE_string("reference_config", None, "a golden-fixture style config.json instead of --config")
+flags.DEFINE_string("checkpoint", None, "whole model: the authors' state_dict file or release directory")
+flags.DEFINE_string("llm", None, "component: HF Phi-3 / Llama / Qwen2 checkpoint (file or directory)")
+flags.DEFINE_string("siglip", None, "component: HF SigLIP (SiglipVisionModel or SiglipModel)")
+flags.DEFINE_string("m3d_clip", None, "component: M3D-CLIP (vision_encoder.* and language_encoder.*)")
+flags.DEFINE_string("vit3d", None, "component: M3D's bare ViT (pretrained_ViT.bin)")
+flags.DEFINE_string("orbax", None, "Orbax checkpoint to convert to PyTorch")
+flags.DEFINE_enum("layout", "state_dict", ["state_dict", "release"], "PyTorch layout to write")
+flags.DEFINE_string("out", None, "output: Orbax directory, or PyTorch file / directory")
+flags.DEFINE_integer("seed", 0, "init seed of parameters no component covers")
+flags.mark_flag_as_required("out")
+FLAGS = flags.FLAGS
+
+
+def _model_config():
+    if FLAGS.reference_config:
+        with open(FLAGS.reference_config, encoding="utf-8") as f:
+            return config_from_reference(json.load(f))
+    if FLAGS.config is None:
+        sys.exit("pass --config configs/<name>.py or --reference_config <config.json>")
+    return FLAGS.config
+
+
+def to_orbax():
+    cfg = _model_config()
+    components = {name: getattr(FLAGS, name) for name in ("llm", "siglip", "m3d_clip", "vit3d") if getattr(FLAGS, name)}
+    model, reports = load_med2e3(cfg, FLAGS.checkpoint, components=components or None, seed=FLAGS.seed, progress=True)
+    for report in reports:
+        print(report.summary())
+        if report.unused:
+            print("  deliberately unused:", ", ".join(report.unused))
+    save_params(model, FLAGS.out)
+    print(f"wrote Orbax checkpoint {FLAGS.out}")
+
+
+def to_pytorch():
+    model = restore_params(FLAGS.orbax)
+    if FLAGS.layout == "release":
+        folders = write_release_layout(export_pytorch(model, FULL_TABLE), FLAGS.out)
+        print(f"wrote release layout {FLAGS.out}: {', '.join(folders)}")
+        return
+    written = export_med2e3(model, FLAGS.out)
+    print(f"wrote {len(written)} tensors ({sum(_size(s) for s in written.values()):,} parameters) to {FLAGS.out}")
+
+
+def _size(shape):
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    sources = [FLAGS.checkpoint, FLAGS.llm, FLAGS.siglip, FLAGS.m3d_clip, FLAGS.vit3d]
+    if FLAGS.orbax and any(sources):
+        sys.exit("--orbax converts to PyTorch; it does not combine with PyTorch inputs")
+    if FLAGS.orbax:
+        to_pytorch()
+    elif any(sources):
+        to_orbax()
+    else:
+        sys.exit("nothing to convert: pass --checkpoint, component paths, or --orbax")
+
+
+if __name__ == "__main__":
+    app.run(main)
