@@ -11,26 +11,8 @@ from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
-from med2e3_jax.checkpoint.port import IDENTITY, LINEAR, PortTable, Rule
+from med2e3_jax.checkpoint.port import PortTable, embedding, linear, norm
 from med2e3_jax.models.bert import ACTIVATIONS
-
-
-def _linear(source: str, target: str) -> tuple[Rule, Rule]:
-    return (
-        Rule(f"{source}.weight", f"{target}.kernel", LINEAR),
-        Rule(f"{source}.bias", f"{target}.bias", IDENTITY),
-    )
-
-
-def _layer_norm(source: str, target: str) -> tuple[Rule, Rule]:
-    return (
-        Rule(f"{source}.weight", f"{target}.scale", IDENTITY),
-        Rule(f"{source}.bias", f"{target}.bias", IDENTITY),
-    )
-
-
-def _embedding(source: str, target: str) -> Rule:
-    return Rule(f"{source}.weight", f"{target}.embedding", IDENTITY)
 
 
 _SRC = "encoder.layer.{i}."
@@ -38,19 +20,19 @@ _DST = "layers.{i}."
 
 BERT_TABLE = PortTable(
     rules=(
-        _embedding("embeddings.word_embeddings", "embeddings.word_embeddings"),
-        _embedding("embeddings.position_embeddings", "embeddings.position_embeddings"),
-        _embedding("embeddings.token_type_embeddings", "embeddings.token_type_embeddings"),
-        *_layer_norm("embeddings.LayerNorm", "embeddings.layer_norm"),
-        *_linear(_SRC + "attention.self.query", _DST + "attention.query"),
-        *_linear(_SRC + "attention.self.key", _DST + "attention.key"),
-        *_linear(_SRC + "attention.self.value", _DST + "attention.value"),
-        *_linear(_SRC + "attention.output.dense", _DST + "attention.output"),
-        *_layer_norm(_SRC + "attention.output.LayerNorm", _DST + "attention_norm"),
-        *_linear(_SRC + "intermediate.dense", _DST + "intermediate"),
-        *_linear(_SRC + "output.dense", _DST + "output"),
-        *_layer_norm(_SRC + "output.LayerNorm", _DST + "output_norm"),
-        *_linear("pooler.dense", "pooler.dense"),
+        embedding("embeddings.word_embeddings", "embeddings.word_embeddings"),
+        embedding("embeddings.position_embeddings", "embeddings.position_embeddings"),
+        embedding("embeddings.token_type_embeddings", "embeddings.token_type_embeddings"),
+        *norm("embeddings.LayerNorm", "embeddings.layer_norm"),
+        *linear(_SRC + "attention.self.query", _DST + "attention.query"),
+        *linear(_SRC + "attention.self.key", _DST + "attention.key"),
+        *linear(_SRC + "attention.self.value", _DST + "attention.value"),
+        *linear(_SRC + "attention.output.dense", _DST + "attention.output"),
+        *norm(_SRC + "attention.output.LayerNorm", _DST + "attention_norm"),
+        *linear(_SRC + "intermediate.dense", _DST + "intermediate"),
+        *linear(_SRC + "output.dense", _DST + "output"),
+        *norm(_SRC + "output.LayerNorm", _DST + "output_norm"),
+        *linear("pooler.dense", "pooler.dense"),
     ),
     # Buffers (arange positions, zero token types) that older checkpoints saved; recomputed by the model.
     unused=("embeddings.position_ids", "embeddings.token_type_ids"),

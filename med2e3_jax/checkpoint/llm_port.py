@@ -52,9 +52,9 @@ _FAMILY_OF_ARCHITECTURE = {"LlamaForCausalLM": "llama", "Phi3ForCausalLM": "phi3
 
 
 def _family(hf: dict) -> str:
-    family = _FAMILY_OF_MODEL_TYPE.get(hf.get("model_type"))
-    for architecture in hf.get("architectures") or ():
-        family = family or _FAMILY_OF_ARCHITECTURE.get(architecture)
+    candidates = [_FAMILY_OF_MODEL_TYPE.get(hf.get("model_type"))]
+    candidates += [_FAMILY_OF_ARCHITECTURE.get(a) for a in hf.get("architectures") or ()]
+    family = next((f for f in candidates if f), None)
     if family is None:
         raise ValueError(
             f"unsupported LLM config: model_type {hf.get('model_type')!r}, architectures "

@@ -75,6 +75,25 @@ class Rule:
         return Rule(source_prefix + self.source, target_prefix + self.target, self.transform)
 
 
+def linear(source: str, target: str | None = None, *, bias: bool = True) -> tuple[Rule, ...]:
+    """torch `nn.Linear` -> `nnx.Linear` (kernel transposed)."""
+    target = source if target is None else target
+    rules = (Rule(f"{source}.weight", f"{target}.kernel", LINEAR),)
+    return rules + ((Rule(f"{source}.bias", f"{target}.bias"),) if bias else ())
+
+
+def norm(source: str, target: str | None = None, *, bias: bool = True) -> tuple[Rule, ...]:
+    """torch `nn.LayerNorm` / RMSNorm -> `nnx.LayerNorm` / `nnx.RMSNorm` (`weight` is `scale`)."""
+    target = source if target is None else target
+    rules = (Rule(f"{source}.weight", f"{target}.scale"),)
+    return rules + ((Rule(f"{source}.bias", f"{target}.bias"),) if bias else ())
+
+
+def embedding(source: str, target: str | None = None) -> Rule:
+    """torch `nn.Embedding` -> `nnx.Embed`."""
+    return Rule(f"{source}.weight", f"{source if target is None else target}.embedding")
+
+
 @dataclasses.dataclass(frozen=True)
 class PortTable:
     """Rules plus the source-key patterns that are deliberately not imported (and why)."""

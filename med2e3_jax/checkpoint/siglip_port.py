@@ -13,38 +13,24 @@ from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
-from med2e3_jax.checkpoint.port import CONV2D, IDENTITY, LINEAR, PortTable, Rule
+from med2e3_jax.checkpoint.port import CONV2D, PortTable, Rule, embedding, linear, norm
 
 _LAYER = "encoder.layers.{i}."
-
-
-def _linear(torch_name: str) -> tuple[Rule, Rule]:
-    return (
-        Rule(f"{torch_name}.weight", f"{torch_name}.kernel", LINEAR),
-        Rule(f"{torch_name}.bias", f"{torch_name}.bias", IDENTITY),
-    )
-
-
-def _layer_norm(torch_name: str) -> tuple[Rule, Rule]:
-    return (
-        Rule(f"{torch_name}.weight", f"{torch_name}.scale", IDENTITY),
-        Rule(f"{torch_name}.bias", f"{torch_name}.bias", IDENTITY),
-    )
 
 
 SIGLIP_TABLE = PortTable(
     rules=(
         Rule("embeddings.patch_embedding.weight", "embeddings.patch_embedding.kernel", CONV2D),
-        Rule("embeddings.patch_embedding.bias", "embeddings.patch_embedding.bias", IDENTITY),
-        Rule("embeddings.position_embedding.weight", "embeddings.position_embedding.embedding", IDENTITY),
-        *_layer_norm(_LAYER + "layer_norm1"),
-        *_linear(_LAYER + "self_attn.q_proj"),
-        *_linear(_LAYER + "self_attn.k_proj"),
-        *_linear(_LAYER + "self_attn.v_proj"),
-        *_linear(_LAYER + "self_attn.out_proj"),
-        *_layer_norm(_LAYER + "layer_norm2"),
-        *_linear(_LAYER + "mlp.fc1"),
-        *_linear(_LAYER + "mlp.fc2"),
+        Rule("embeddings.patch_embedding.bias", "embeddings.patch_embedding.bias"),
+        embedding("embeddings.position_embedding"),
+        *norm(_LAYER + "layer_norm1"),
+        *linear(_LAYER + "self_attn.q_proj"),
+        *linear(_LAYER + "self_attn.k_proj"),
+        *linear(_LAYER + "self_attn.v_proj"),
+        *linear(_LAYER + "self_attn.out_proj"),
+        *norm(_LAYER + "layer_norm2"),
+        *linear(_LAYER + "mlp.fc1"),
+        *linear(_LAYER + "mlp.fc2"),
     ),
     # Med-2E3 reads the last encoder layer before `post_layernorm`; the MAP head is never used.
     # `position_ids` is a buffer that old checkpoints saved.

@@ -12,31 +12,22 @@ from typing import Any
 
 import ml_collections
 
-from med2e3_jax.checkpoint.port import IDENTITY, LINEAR, PortTable, Rule
-
-
-def _layer_norm(source: str, target: str) -> tuple[Rule, ...]:
-    return (Rule(f"{source}.weight", f"{target}.scale"), Rule(f"{source}.bias", f"{target}.bias"))
-
-
-def _linear(source: str, target: str, *, bias: bool = True) -> tuple[Rule, ...]:
-    rules = (Rule(f"{source}.weight", f"{target}.kernel", LINEAR),)
-    return rules + ((Rule(f"{source}.bias", f"{target}.bias"),) if bias else ())
+from med2e3_jax.checkpoint.port import PortTable, Rule, linear, norm
 
 
 VIT3D_TABLE = PortTable(
     rules=(
-        Rule("cls_token", "cls_token", IDENTITY),
-        Rule("patch_embedding.position_embeddings", "position_embeddings", IDENTITY),
+        Rule("cls_token", "cls_token"),
+        Rule("patch_embedding.position_embeddings", "position_embeddings"),
         # `patch_embeddings` is nn.Sequential(Rearrange, Linear): the Linear is item 1.
-        *_linear("patch_embedding.patch_embeddings.1", "patch_embedding"),
-        *_layer_norm("blocks.{i}.norm1", "blocks.{i}.norm1"),
+        *linear("patch_embedding.patch_embeddings.1", "patch_embedding"),
+        *norm("blocks.{i}.norm1", "blocks.{i}.norm1"),
         # monai's qkv has no bias; its rows are (qkv, head, head_dim), the order `Attention` reshapes to.
-        *_linear("blocks.{i}.attn.qkv", "blocks.{i}.attn.qkv", bias=False),
-        *_linear("blocks.{i}.attn.out_proj", "blocks.{i}.attn.out_proj"),
-        *_layer_norm("blocks.{i}.norm2", "blocks.{i}.norm2"),
-        *_linear("blocks.{i}.mlp.linear1", "blocks.{i}.mlp.linear1"),
-        *_linear("blocks.{i}.mlp.linear2", "blocks.{i}.mlp.linear2"),
+        *linear("blocks.{i}.attn.qkv", "blocks.{i}.attn.qkv", bias=False),
+        *linear("blocks.{i}.attn.out_proj", "blocks.{i}.attn.out_proj"),
+        *norm("blocks.{i}.norm2", "blocks.{i}.norm2"),
+        *linear("blocks.{i}.mlp.linear1", "blocks.{i}.mlp.linear1"),
+        *linear("blocks.{i}.mlp.linear2", "blocks.{i}.mlp.linear2"),
     ),
     # Med-2E3 takes the last block's output before the final norm.
     unused=("norm.weight", "norm.bias"),
