@@ -8,6 +8,12 @@ The three families differ only in config values, routed through one code path:
 Attribute names mirror transformers' `*ForCausalLM` (`embed_tokens`, `layers.{i}.self_attn.q_proj`, …),
 so that `checkpoint/llm_port.py` reads as a list of renames.
 
+Config (`llm` sub-config): family, vocab_size, hidden_size, intermediate_size, num_layers, num_heads,
+num_kv_heads, head_dim (None: hidden_size // num_heads), rms_norm_eps, rope_theta, rope_scaling (None or
+`type` 'longrope' / 'llama3', see `rope.py`), partial_rotary_factor (optional, default 1),
+max_position_embeddings, sliding_window (optional, default None), tie_word_embeddings, qkv_bias, fused_qkv,
+fused_gate_up; `checkpoint/llm_port.llm_config_from_hf` builds it from a transformers config.
+
 A KV cache holds, per layer, the keys (already rotated) and values of every position written so far at
 the slot = the token's position, per batch row. One call handles a whole prompt (prefill) or one new token
 per row (decode), and rows may sit at different positions (prompts of different lengths in one batch).
@@ -91,6 +97,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         self.attention_impl = attention_impl
+        self.fused_qkv = cfg.fused_qkv
         linear = lambda i, o, bias: _linear(  # noqa: E731
             cfg, i, o, use_bias=bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )
@@ -116,7 +123,7 @@ class Attention(nnx.Module):
           (batch, seq, embed), and the updated (keys, values) or None.
         """
         batch, seq, _ = x.shape
-        if hasattr(self, "qkv_proj"):
+        if self.fused_qkv:
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             query, key, value = jnp.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1)
         else:
@@ -146,6 +153,7 @@ class MLP(nnx.Module):
         linear = lambda i, o: _linear(  # noqa: E731
             cfg, i, o, use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )
+        self.fused_gate_up = cfg.fused_gate_up
         if cfg.fused_gate_up:
             self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         else:
@@ -154,7 +162,7 @@ class MLP(nnx.Module):
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
 
     def __call__(self, x):
-        if hasattr(self, "gate_up_proj"):
+        if self.fused_gate_up:
             gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -191,6 +199,7 @@ class Decoder(nnx.Module):
             raise ValueError(f"llm.num_heads ({cfg.num_heads}) must be a multiple of num_kv_heads ({cfg.num_kv_heads})")
         self.num_layers, self.num_kv_heads, self.head_dim = cfg.num_layers, cfg.num_kv_heads, head_dim(cfg)
         self.sliding_window = cfg.get("sliding_window")
+        self.tie_word_embeddings = cfg.tie_word_embeddings
         self.dtype = dtype
         self.rope = RotaryEmbedding.from_config(cfg)
         self.embed_tokens = nnx.Embed(
@@ -244,6 +253,11 @@ class Decoder(nnx.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        if positions.shape != x.shape[:2] or attention_mask.shape != x.shape[:2]:
+            raise ValueError(
+                f"positions {positions.shape} and attention_mask {attention_mask.shape} must both be "
+                f"(batch, seq) = {x.shape[:2]}"
+            )
         positions = positions.astype(jnp.int32)
         valid = attention_mask > 0
         cos, sin = self.rope.cos_sin(positions, x.dtype)
@@ -271,8 +285,8 @@ class Decoder(nnx.Module):
             cache = KVCache(tuple(new_keys), tuple(new_values), key_positions, key_valid)
 
         hidden_states = self.norm(x)
-        if hasattr(self, "lm_head"):
-            logits = self.lm_head(hidden_states)
-        else:
+        if self.tie_word_embeddings:
             logits = self.embed_tokens.attend(hidden_states)
+        else:
+            logits = self.lm_head(hidden_states)
         return DecoderOutput(logits.astype(jnp.float32), hidden_states, cache)
