@@ -5,8 +5,8 @@ separately tokenized question. The encoder is frozen in both training stages and
 there is no dropout.
 
 Post-LayerNorm BERT as in HF `BertModel`: absolute learned positions 0..L-1, token types (0 by default),
-padded keys excluded from attention. Names mirror HF where Python allows (`attention.self` becomes
-`attention`, `LayerNorm` becomes `layer_norm`); `checkpoint/bert_port.py` states the correspondence.
+padded keys excluded from attention. Names mirror HF where Python allows (`attention.self.query`
+becomes `attention.q_proj`, `LayerNorm` becomes `layer_norm`); `checkpoint/bert_port.py` states the correspondence.
 
 Config (`question_encoder`): vocab_size, hidden_size, num_layers, num_heads, intermediate_size,
 max_position_embeddings, type_vocab_size, layer_norm_eps, hidden_act.
@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from med2e3_jax.models.attention import dot_product_attention, padding_mask
+from med2e3_jax.models.attention import padding_mask
+from med2e3_jax.models.encoder_layers import SelfAttention, layer_norm
 
 # HF activation names: 'gelu' is the exact (erf) GELU, 'gelu_new' / 'gelu_pytorch_tanh' the tanh approximation.
 ACTIVATIONS = {
@@ -29,17 +30,6 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
 }
-
-
-def _layer_norm(cfg, *, rngs, dtype, param_dtype):
-    return nnx.LayerNorm(
-        cfg.hidden_size,
-        epsilon=cfg.layer_norm_eps,
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
 
 
 class BertEmbeddings(nnx.Module):
@@ -53,7 +43,9 @@ class BertEmbeddings(nnx.Module):
         self.word_embeddings = embed(cfg.vocab_size)
         self.position_embeddings = embed(cfg.max_position_embeddings)
         self.token_type_embeddings = embed(cfg.type_vocab_size)
-        self.layer_norm = _layer_norm(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.layer_norm = layer_norm(
+            cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
         """(batch, length) ids -> (batch, length, embed)."""
@@ -68,39 +60,6 @@ class BertEmbeddings(nnx.Module):
         return self.layer_norm(embedded)
 
 
-class BertAttention(nnx.Module):
-    """Multi-head self-attention (`attention.self` in HF) and its output projection (`attention.output.dense`)."""
-
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
-        if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(f"hidden_size {cfg.hidden_size} is not a multiple of num_heads {cfg.num_heads}")
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.attention_impl = attention_impl
-
-        def linear():
-            return nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-        self.query, self.key, self.value, self.output = linear(), linear(), linear(), linear()
-
-    def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
-        """(batch, length, embed), mask (batch, 1, 1, length) -> (batch, length, embed)."""
-        batch, length, embed = hidden.shape
-
-        def heads(x):
-            return x.reshape(batch, length, self.num_heads, self.head_dim)
-
-        attended = dot_product_attention(
-            heads(self.query(hidden)),
-            heads(self.key(hidden)),
-            heads(self.value(hidden)),
-            mask=mask,
-            scale=self.head_dim**-0.5,
-            implementation=self.attention_impl,
-        )
-        return self.output(attended.reshape(batch, length, embed))
-
-
 class BertLayer(nnx.Module):
     """Post-LayerNorm block: norm(x + attention(x)), then norm(x + output(act(intermediate(x))))."""
 
@@ -108,17 +67,23 @@ class BertLayer(nnx.Module):
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"BERT hidden_act {cfg.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
         self.activation = ACTIVATIONS[cfg.hidden_act]
-        self.attention = BertAttention(
-            cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        # HF's `attention.self.{query,key,value}` and `attention.output.dense`.
+        self.attention = SelfAttention(
+            cfg.hidden_size, cfg.num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+            attention_impl=attention_impl,
         )
-        self.attention_norm = _layer_norm(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attention_norm = layer_norm(
+            cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
         self.intermediate = nnx.Linear(
             cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.output = nnx.Linear(
             cfg.intermediate_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.output_norm = _layer_norm(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.output_norm = layer_norm(
+            cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
 
     def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
         hidden = self.attention_norm(hidden + self.attention(hidden, mask))

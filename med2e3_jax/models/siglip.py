@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from med2e3_jax.models.attention import dot_product_attention
+from med2e3_jax.models.encoder_layers import SelfAttention, layer_norm
 
 
 class SiglipEmbeddings(nnx.Module):
@@ -62,39 +62,6 @@ class SiglipEmbeddings(nnx.Module):
         return tokens + self.position_embedding(jnp.arange(self.num_patches))
 
 
-class SiglipAttention(nnx.Module):
-    """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
-
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
-        if cfg.hidden_size % cfg.num_heads:
-            raise ValueError(f"hidden_size {cfg.hidden_size} is not a multiple of num_heads {cfg.num_heads}")
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.attention_impl = attention_impl
-
-        def linear():
-            return nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
-
-    def __call__(self, hidden: jax.Array) -> jax.Array:
-        """(batch, tokens, embed) -> (batch, tokens, embed)."""
-        batch, tokens, embed = hidden.shape
-
-        def heads(x):
-            return x.reshape(batch, tokens, self.num_heads, self.head_dim)
-
-        attended = dot_product_attention(
-            heads(self.q_proj(hidden)),
-            heads(self.k_proj(hidden)),
-            heads(self.v_proj(hidden)),
-            mask=None,
-            scale=self.head_dim**-0.5,
-            implementation=self.attention_impl,
-        )
-        return self.out_proj(attended.reshape(batch, tokens, embed))
-
-
 class SiglipMLP(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -109,21 +76,15 @@ class SiglipEncoderLayer(nnx.Module):
     """Pre-LayerNorm transformer block."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
-        def layer_norm():
-            return nnx.LayerNorm(
-                cfg.hidden_size,
-                epsilon=cfg.layer_norm_eps,
-                use_fast_variance=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+        def norm():
+            return layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-        self.layer_norm1 = layer_norm()
-        self.self_attn = SiglipAttention(
-            cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+        self.layer_norm1 = norm()
+        self.self_attn = SelfAttention(
+            cfg.hidden_size, cfg.num_heads, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+            attention_impl=attention_impl,
         )
-        self.layer_norm2 = layer_norm()
+        self.layer_norm2 = norm()
         self.mlp = SiglipMLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:

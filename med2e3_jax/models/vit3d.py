@@ -22,6 +22,7 @@ import ml_collections
 from flax import nnx, struct
 
 from med2e3_jax.models.attention import dot_product_attention
+from med2e3_jax.models.encoder_layers import layer_norm
 
 
 @struct.dataclass
@@ -96,19 +97,12 @@ class Block(nnx.Module):
     """monai `TransformerBlock`, pre-norm."""
 
     def __init__(self, cfg, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
-        def layer_norm():
-            return nnx.LayerNorm(
-                cfg.hidden_size,
-                epsilon=cfg.layer_norm_eps,
-                use_fast_variance=False,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+        def norm():
+            return layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-        self.norm1 = layer_norm()
+        self.norm1 = norm()
         self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-        self.norm2 = layer_norm()
+        self.norm2 = norm()
         self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x):
