@@ -30,7 +30,8 @@ from med2e3_jax.checkpoint.med2e3_port import FULL_TABLE, config_from_reference
 from med2e3_jax.checkpoint.orbax_params import restore_params, save_params
 from med2e3_jax.checkpoint.writers import write_release_layout
 
-config_flags.DEFINE_config_file("config", None, "model config file (configs/*.py)", lock_config=False)
+config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py); its `model` is used",
+                                lock_config=False)
 flags.DEFINE_string("reference_config", None, "a golden-fixture style config.json instead of --config")
 flags.DEFINE_string("checkpoint", None, "whole model: the authors' state_dict file or release directory")
 flags.DEFINE_string("llm", None, "component: HF Phi-3 / Llama / Qwen2 checkpoint (file or directory)")
@@ -51,7 +52,7 @@ def _model_config():
             return config_from_reference(json.load(f))
     if FLAGS.config is None:
         sys.exit("pass --config configs/<name>.py or --reference_config <config.json>")
-    return FLAGS.config
+    return FLAGS.config.model
 
 
 def to_orbax():

@@ -23,7 +23,7 @@ from med2e3_jax.generate import greedy_generate
 from med2e3_jax.models.med2e3 import Med2E3
 from med2e3_jax.models.merge import expand_image_placeholder
 
-config_flags.DEFINE_config_file("config", "configs/tiny.py", "model config", lock_config=False)
+config_flags.DEFINE_config_file("config", "configs/tiny.py", "experiment config (its `model` is used)", lock_config=False)
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory (random init when absent)")
 flags.DEFINE_integer("new_tokens", 8, "tokens to generate")
 FLAGS = flags.FLAGS
@@ -41,7 +41,7 @@ def phantom(shape, rng):
 
 def main(argv):
     del argv
-    cfg = FLAGS.config
+    cfg = FLAGS.config.model
     if FLAGS.checkpoint:
         model = restore_params(FLAGS.checkpoint)
         cfg = model.cfg

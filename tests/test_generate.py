@@ -19,7 +19,7 @@ NEW_TOKENS = 5
 
 
 def _model_and_inputs():
-    cfg = tiny.get_config()
+    cfg = tiny.tiny_model()
     cfg.llm.vocab_size = 96
     model = Med2E3(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)

@@ -17,7 +17,7 @@ from med2e3_jax.models.merge import expand_image_placeholder  # noqa: E402
 
 
 def _run(**tgis):
-    cfg = tiny.get_config()
+    cfg = tiny.tiny_model()
     cfg.llm.vocab_size = 64
     cfg.tgis.update(tgis)
     model = Med2E3(cfg, rngs=nnx.Rngs(0))
@@ -52,7 +52,7 @@ def test_every_slice_weighting_runs_through_the_same_model(weighting):
 
 
 def test_unknown_ablation_names_the_config_key():
-    cfg = tiny.get_config()
+    cfg = tiny.tiny_model()
     cfg.tgis.slice_weighting = "attention"
     with pytest.raises(ValueError, match="tgis.slice_weighting"):
         Med2E3(cfg, rngs=nnx.Rngs(0))

@@ -1,0 +1,75 @@
+"""The training recipe (the authors' two stages), the device mesh, and the experiment config that
+`configs/*.py` return: `model`, `data`, `train`, `mesh`, `distributed`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from med2e3_jax.config import num_vision_tokens
+from med2e3_jax.data_config import data_config
+
+STAGES = ("pretrain", "finetune")
+
+# Top-level Med2E3 submodules each stage trains; everything else is frozen (no gradient, no optimizer
+# state). M3D-CLIP's ViT and BERT stay frozen in both stages.
+TRAINABLE = {
+    "pretrain": ("vision2d_connector", "vision3d_connector", "tgis"),
+    "finetune": ("llm", "vision2d", "vision2d_connector", "vision3d_connector", "tgis"),
+}
+
+
+def train_config(stage: str) -> ml_collections.ConfigDict:
+    """The authors' scripts: pretrain lr 1e-4, 3 epochs, batch 64; finetune lr 5e-5, 4 epochs, batch
+    128 (2 x 32 x accumulation 2); AdamW, no weight decay, 3% warmup, cosine, clip 1.0."""
+    if stage not in STAGES:
+        raise ValueError(f"training stage must be one of {STAGES}, got {stage!r}")
+    pretrain = stage == "pretrain"
+    return ml_collections.ConfigDict(
+        dict(
+            stage=stage,
+            trainable=list(TRAINABLE[stage]),
+            steps=1000,
+            learning_rate=1e-4 if pretrain else 5e-5,
+            warmup_ratio=0.03,
+            weight_decay=0.0,
+            adam_b1=0.9,
+            adam_b2=0.999,
+            adam_eps=1e-8,
+            grad_clip=1.0,
+            global_batch_size=64 if pretrain else 128,
+            micro_batches=1 if pretrain else 2,  # gradient accumulation
+            remat_policy="none",  # 'none' | 'full' | 'dots': what the backward pass recomputes
+            seed=0,
+            log_every=10,
+            checkpoint_every=500,
+            keep_checkpoints=3,
+            async_checkpointing=True,
+            base_checkpoint="",  # Orbax params (scripts/convert_checkpoint.py) holding the frozen weights
+            init_from="",  # a previous stage's workdir whose trainable weights start this stage
+        )
+    )
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """Mesh axis sizes; -1 takes the remaining devices."""
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+    """Multi-process runs: `jax.distributed.initialize` is called when num_processes > 1."""
+    return ml_collections.ConfigDict(
+        dict(coordinator_address="", num_processes=1, process_id=0, cpu_collectives="gloo")
+    )
+
+
+def experiment_config(model: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = model
+    config.data = data_config()
+    config.data.volume_shape = tuple(model.vision3d.img_size)
+    config.data.max_length = model.llm_max_length
+    config.data.num_vision_tokens = num_vision_tokens(model)
+    config.train = train_config(stage)
+    config.mesh = mesh_config()
+    config.distributed = distributed_config()
+    return config
