@@ -22,10 +22,22 @@ setup(
         "safetensors>=0.4",
         "transformers>=4.46",
         "tqdm",
+        "tensorboardX",
+        # data pipelines
+        "grain>=0.2.12",
+        "nibabel>=5",
+        "scipy>=1.11",
+        "tensorflow-datasets>=4.9.7",
+        "array_record>=0.7",
+        "gguf",  # reading the tokenizer-only GGUF files of scripts/fetch_assets.py
     ],
     extras_require={
         # Reading the authors' `pytorch_model.bin` files needs torch; safetensors does not.
         "torch": ["torch==2.13.0"],
-        "test": ["torch==2.13.0", "pytest>=8", "pytest-timeout"],
+        # Hospital DICOM series; pylibjpeg decodes JPEG 2000 (lossless) compressed ones.
+        "dicom": ["pydicom>=2.4", "pylibjpeg", "pylibjpeg-openjpeg"],
+        # torch is pinned exactly: a looser pin pulls a multi-GB CUDA build. MONAI is the preprocessing
+        # reference in the tests only.
+        "test": ["torch==2.13.0", "monai>=1.4", "pytest>=8", "pydicom>=2.4", "pylibjpeg", "pylibjpeg-openjpeg"],
     },
 )
