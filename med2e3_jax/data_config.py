@@ -10,7 +10,7 @@ def data_config() -> ml_collections.ConfigDict:
         dict(
             annotation_file="",  # the authors' annotation JSON
             image_root="",  # prefix for relative `vision3d` paths
-            modality="ct",  # 'ct' (HU), 'mr', or 'unit' (already in [0, 1], like M3D's .npy)
+            modality="auto",  # per file: .npy is "unit" (already in [0, 1]), NIfTI / CT DICOM "ct" (HU); or force "ct" | "mr" | "unit"
             volume_shape=(32, 256, 256),
             hu_window=(-1000.0, 1000.0),
             template="phi",
