@@ -13,6 +13,7 @@ IMAGE3D_TOKEN_ID = -201  # the `<image3d>` placeholder in the authors' input_ids
 
 SLICE_WEIGHTINGS = ("tgis", "mean", "max", "uniform")
 VISION_TOKENS = ("3d+2d", "3d", "2d")
+REMAT_POLICIES = ("none", "full", "dots")  # see models/remat.py
 
 # microsoft/Phi-3-mini-128k-instruct (June 2024 update) LongRoPE factors; with the 768-token prompts
 # of Med-2E3 only `short_factor` is ever used (padded length <= 4096).
@@ -84,6 +85,9 @@ def model_config() -> ml_collections.ConfigDict:
             dtype="float32",
             param_dtype="float32",
             attention_impl="xla",
+            # What the backward pass recomputes of each LLM and SigLIP layer: 'none' keeps every
+            # activation, 'full' only the layer inputs, 'dots' also the weight matmuls' outputs.
+            remat_policy="none",
         )
     )
 
@@ -119,6 +123,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
         )
     if t.slice_weighting not in SLICE_WEIGHTINGS:
         raise ValueError(f"tgis.slice_weighting must be one of {SLICE_WEIGHTINGS}, got {t.slice_weighting!r}")
+    if cfg.get("remat_policy", "none") not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
     if t.vision_tokens not in VISION_TOKENS:
         raise ValueError(f"tgis.vision_tokens must be one of {VISION_TOKENS}, got {t.vision_tokens!r}")
     groups = pooled_grid(cfg)[0]

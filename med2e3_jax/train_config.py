@@ -38,7 +38,6 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
             grad_clip=1.0,
             global_batch_size=64 if pretrain else 128,
             micro_batches=1 if pretrain else 2,  # gradient accumulation
-            remat_policy="none",  # 'none' | 'full' | 'dots': what the backward pass recomputes
             seed=0,
             log_every=10,
             checkpoint_every=500,

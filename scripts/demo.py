@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from med2e3_jax import config as config_lib
 from med2e3_jax.checkpoint.orbax_params import restore_params
 from med2e3_jax.config import IGNORE_INDEX, IMAGE3D_TOKEN_ID
-from med2e3_jax.generate import greedy_generate
+from med2e3_jax.generate import GenerationConfig, generate
 from med2e3_jax.models.med2e3 import Med2E3
 from med2e3_jax.models.merge import expand_image_placeholder
 
@@ -72,11 +72,10 @@ def main(argv):
     prompt_only = expand_image_placeholder(prompt, np.ones_like(prompt), None,
                                            num_vision_tokens=config_lib.num_vision_tokens(cfg),
                                            max_length=cfg.llm_max_length, pad_id=cfg.llm.pad_token_id)
-    generate = nnx.jit(greedy_generate, static_argnames=("max_new_tokens", "eos_id", "pad_id"))
+    config = GenerationConfig.for_llm(cfg.llm, max_new_tokens=FLAGS.new_tokens)
     start = time.perf_counter()
     generated = generate(model, jnp.asarray(volume), prompt_only.input_ids, prompt_only.attention_mask, question,
-                         question_mask, max_new_tokens=FLAGS.new_tokens, eos_id=cfg.llm.eos_token_id,
-                         pad_id=cfg.llm.pad_token_id)
+                         question_mask, config=config)
     tokens = np.asarray(generated.tokens[0])
     print(f"greedy generation of {FLAGS.new_tokens} tokens (incl. compile): {time.perf_counter() - start:.1f}s  "
           f"ids {tokens.tolist()}")

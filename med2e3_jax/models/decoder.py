@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from med2e3_jax.models.attention import causal_mask, dot_product_attention
+from med2e3_jax.models.remat import remat_layer
 from med2e3_jax.models.rope import RotaryEmbedding, apply_rotary, head_dim
 
 FAMILIES = ("llama", "phi3", "qwen2")
@@ -189,10 +190,15 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), layer_cache
 
 
+def _call_layer(layer, x, cos, sin, mask, layer_cache, write_slots):
+    return layer(x, cos=cos, sin=sin, mask=mask, layer_cache=layer_cache, write_slots=write_slots)
+
+
 class Decoder(nnx.Module):
     """A `*ForCausalLM`: token embedding, `num_layers` decoder layers, final RMSNorm, LM head."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla",
+                 remat_policy="none"):
         if cfg.family not in FAMILIES:
             raise ValueError(f"llm.family must be one of {FAMILIES}, got {cfg.family!r}")
         if cfg.num_heads % cfg.num_kv_heads:
@@ -201,6 +207,7 @@ class Decoder(nnx.Module):
         self.sliding_window = cfg.get("sliding_window")
         self.tie_word_embeddings = cfg.tie_word_embeddings
         self.dtype = dtype
+        self.remat_policy = remat_policy  # see models/remat.py
         self.rope = RotaryEmbedding.from_config(cfg)
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size,
@@ -275,9 +282,10 @@ class Decoder(nnx.Module):
             mask &= (key_positions[:, None, :] > positions[:, :, None] - self.sliding_window)[:, None]
 
         new_keys, new_values = [], []
+        call_layer = remat_layer(_call_layer, self.remat_policy)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = layer(x, cos=cos, sin=sin, mask=mask, layer_cache=layer_cache, write_slots=write_slots)
+            x, layer_cache = call_layer(layer, x, cos, sin, mask, layer_cache, write_slots)
             if layer_cache is not None:
                 new_keys.append(layer_cache[0])
                 new_values.append(layer_cache[1])
@@ -285,8 +293,14 @@ class Decoder(nnx.Module):
             cache = KVCache(tuple(new_keys), tuple(new_values), key_positions, key_valid)
 
         hidden_states = self.norm(x)
+        return DecoderOutput(self.logits(hidden_states), hidden_states, cache)
+
+    def logits(self, hidden_states):
+        """(..., embed) final-norm hidden states -> (..., vocab) float32 logits (the LM head).
+
+        Training applies it to the supervised positions only (`train/step.py`)."""
         if self.tie_word_embeddings:
             logits = self.embed_tokens.attend(hidden_states)
         else:
             logits = self.lm_head(hidden_states)
-        return DecoderOutput(logits.astype(jnp.float32), hidden_states, cache)
+        return logits.astype(jnp.float32)

@@ -41,6 +41,7 @@ class Med2E3Output:
     slice_scores: jax.Array  # (batch, slices)
     inputs_embeds: jax.Array  # (batch, length, embed): the merged LLM input
     intermediates: dict
+    hidden_states: jax.Array | None = None  # (batch, length, embed): the LLM's, after its final norm
 
 
 class Med2E3(nnx.Module):
@@ -51,6 +52,7 @@ class Med2E3(nnx.Module):
         self.cfg = cfg
         kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         attn = dict(kw, attention_impl=cfg.attention_impl)
+        remat = dict(remat_policy=cfg.get("remat_policy", "none"))  # LLM and SigLIP layers only
         embed = cfg.llm.hidden_size
         self.uses_slices = cfg.tgis.vision_tokens in ("3d+2d", "2d")
         self.uses_question = self.uses_slices and cfg.tgis.slice_weighting == "tgis"
@@ -58,14 +60,14 @@ class Med2E3(nnx.Module):
         self.vision3d = ViT3D(cfg.vision3d, **attn)
         self.vision3d_connector = MLPConnector(cfg.vision3d.hidden_size, embed, **kw)
         if self.uses_slices:
-            self.vision2d = SiglipVisionTower(cfg.vision2d, **attn)
+            self.vision2d = SiglipVisionTower(cfg.vision2d, **attn, **remat)
             self.vision2d_connector = MLPConnector(cfg.vision2d.hidden_size, embed, **kw)
             self.tgis = TGIS(
                 cfg.tgis, cfg.question_encoder.hidden_size, embed, config_lib.pooled_grid(cfg)[0], **kw
             )
         if self.uses_question:
             self.question_encoder = BertEncoder(cfg.question_encoder, **attn)
-        self.llm = Decoder(cfg.llm, **attn)
+        self.llm = Decoder(cfg.llm, **attn, **remat)
 
     def encode_vision(self, volume, question_ids=None, question_mask=None, *, deterministic=True, rngs=None):
         """The vision tokens of a batch of volumes and the slice scores.
@@ -136,7 +138,8 @@ class Med2E3(nnx.Module):
         loss = count = None
         if labels is not None:
             loss, count = causal_lm_loss(out.logits, labels)
-        return Med2E3Output(out.logits, loss, count, vision.slice_scores, inputs_embeds, vision.intermediates)
+        return Med2E3Output(out.logits, loss, count, vision.slice_scores, inputs_embeds, vision.intermediates,
+                            out.hidden_states)
 
 
 def _slices_as_images(volume, channels: int):

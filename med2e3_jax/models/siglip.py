@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from med2e3_jax.models.encoder_layers import SelfAttention, layer_norm
+from med2e3_jax.models.remat import remat_layer
 
 
 class SiglipEmbeddings(nnx.Module):
@@ -93,7 +94,9 @@ class SiglipEncoderLayer(nnx.Module):
 
 
 class SiglipEncoder(nnx.Module):
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla",
+                 remat_policy="none"):
+        self.remat_policy = remat_policy  # see models/remat.py
         self.layers = nnx.List(
             [
                 SiglipEncoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
@@ -102,18 +105,21 @@ class SiglipEncoder(nnx.Module):
         )
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
+        call_layer = remat_layer(lambda layer, hidden: layer(hidden), self.remat_policy)
         for layer in self.layers:
-            hidden = layer(hidden)
+            hidden = call_layer(layer, hidden)
         return hidden
 
 
 class SiglipVisionTower(nnx.Module):
     """Images -> patch tokens of the last encoder layer (no `post_layernorm`, no pooling head)."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla"):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl="xla",
+                 remat_policy="none"):
         self.embeddings = SiglipEmbeddings(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.encoder = SiglipEncoder(
-            cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl
+            cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+            remat_policy=remat_policy,
         )
 
     def __call__(self, pixels: jax.Array) -> jax.Array:

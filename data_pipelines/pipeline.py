@@ -1,0 +1,456 @@
+"""The Grain pipeline: annotation records (or preprocessed TFDS examples) to static-shape batches.
+
+    indices 0..N-1 ── shuffle(seed), reshuffled every epoch ── repeat(num_epochs)      MapDataset
+      ── [process_index::process_count]        this host's share of every global batch: the visits
+      ── [next_index:]                         where the iterator state says to resume
+      ── map(LoadExample)                      read, preprocess, augment(seed, epoch, index), tokenize
+      ── batch(batch_size, make_chunk)         a Chunk: the good examples stacked, the bad ones aside
+      ── to_iter_dataset(ReadOptions)          `read_threads` threads per process
+      ── mp_prefetch(worker_count)             worker w makes chunks w, w+W, …; interleaved back in order
+      ── BatchIterator                         main process: count and log skips, cut batches
+
+Every visit makes one example or one `Skipped`, and chunks are fixed runs of `batch_size` visits, so
+the stream is the same whatever the number of workers or threads, and a position in it is a complete
+iterator state. A chunk without a bad example is the batch itself, passed on without a copy (from a
+worker, in its shared memory); around a skip the main process joins the pieces. Sharding by striding
+the shuffled stream gives process p the visits p, p+P, p+2P, …: with batch size B per process, batch k
+of all processes together is exactly batch k of a single process with batch size B·P (as long as no
+example is skipped).
+
+A bad example (a `DataError`: unreadable or malformed volume, broken record) leaves no hole in the
+stream: `LoadExample` returns a `Skipped` marker in its place, and the markers travel to the main
+process, where `BatchIterator` drops them. Counting there, rather than filtering in the workers
+(as a `grain` filter would), keeps one counter and one log for the host (workers have their own
+memory and log handlers), keeps the batches independent of the worker count (a filter before
+`mp_prefetch` shifts which examples share a batch), and puts the count in the iterator state, so a
+resumed run keeps its skip budget. In strict mode the marker's error is raised instead.
+
+The iterator state is `{"next_index": visits consumed, "skipped": …}` plus the parameters that define
+the visit stream (record count, seed, shuffle, epochs, process index and count), which `set_state`
+checks: a few JSON integers that survive changes of worker count, thread count, batch size and Grain
+version (Grain's own nested states promise none of these), for the trainer's checkpoint. Restoring
+restarts the inner pipeline at `next_index`.
+
+Skips are per host: hosts that skip different numbers of examples drift apart by those examples and
+may end an epoch a batch apart; a multi-host trainer should run a fixed number of steps over
+`num_epochs=None` (repeat forever) rather than to the end of the data.
+
+Nothing here touches JAX: the process index and count are plain ints that the caller reads once
+(`jax.process_index()`, `jax.process_count()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import grain
+import numpy as np
+
+from data_pipelines.annotations import question_text, validate_record
+from data_pipelines.errors import DataError, RecordError, VolumeShapeError
+from data_pipelines.preprocess import augment, preprocess_volume
+from data_pipelines.readers import read_volume
+from data_pipelines.templates import encode_conversation, encode_question
+
+logger = logging.getLogger(__name__)
+
+# The skip budget is judged only after this many records, so that one bad file among the first few
+# does not abort a run whose overall skip rate is fine.
+MIN_SEEN_BEFORE_ABORT = 20
+
+BATCH_KEYS = ("volume", "input_ids", "labels", "attention_mask", "question_ids", "question_mask", "record_index")
+
+
+class TooManySkipsError(RuntimeError):
+    """More than `max_skip_fraction` of the examples read so far were bad. Not a `DataError`: it is
+    about the data set, not one input, and must never be skipped itself."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Stands in the element stream for an example that could not be made."""
+
+    record_index: int
+    error: DataError
+
+
+# ---------------------------------------------------------------------------------------------------
+# One example.
+
+
+class LoadExample:
+    """`(epoch, record_index)` → one example's model inputs, or `Skipped`.
+
+    `source` is either a sequence of annotation records (`vision3d` paths read from disk and
+    preprocessed here) or a random-access source of preprocessed examples `{"volume", "record"}`
+    (`tfds_builder.open_preprocessed`), whose volumes are already at `cfg.volume_shape`.
+    """
+
+    def __init__(self, source, cfg, *, train: bool, tokenizer, question_tokenizer):
+        self.source = source
+        self.from_records = _is_record_list(source)
+        self.volume_shape = tuple(int(s) for s in cfg.volume_shape)
+        self.modality = cfg.modality
+        self.hu_window = tuple(float(w) for w in cfg.hu_window)
+        self.augment = bool(train and cfg.augment)
+        self.seed = int(cfg.seed)
+        self.template = cfg.template
+        self.num_vision_tokens = int(cfg.num_vision_tokens)
+        self.max_length = int(cfg.max_length)
+        self.question_max_length = int(cfg.question_max_length)
+        self.tokenizer = tokenizer
+        self.question_tokenizer = question_tokenizer
+        self._tokenizer_lock = threading.Lock()
+
+    # Fast tokenizers keep truncation/padding settings in shared Rust state, which concurrent calls
+    # from the reader threads would fight over ("Already borrowed"); tokenizing is cheap, so one lock.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_tokenizer_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tokenizer_lock = threading.Lock()
+
+    def __call__(self, visit: tuple[int, int]) -> dict[str, np.ndarray] | Skipped:
+        epoch, index = visit
+        try:
+            return self.example(epoch, index)
+        except DataError as error:
+            return Skipped(index, error)
+
+    def example(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        if self.from_records:
+            record = self.source[index]
+            validate_record(record, index=index)
+            volume = preprocess_volume(
+                read_volume(record["vision3d"][0]), shape=self.volume_shape, modality=self.modality,
+                window=self.hu_window,
+            )
+        else:
+            item = self.source[index]
+            record = _decode_record(item["record"], index)
+            volume = _check_preprocessed(item["volume"], self.volume_shape, record)
+        if self.augment:
+            volume = augment(volume, seed=self.seed, epoch=epoch, index=index)
+        with self._tokenizer_lock:
+            text = encode_conversation(
+                record, self.tokenizer, template=self.template, num_vision_tokens=self.num_vision_tokens,
+                max_length=self.max_length,
+            )
+            if self.question_tokenizer is not None:
+                question = record.get("question")
+                if question is None:
+                    question = question_text(record["conversations"][0]["value"])
+                text |= encode_question(question, self.question_tokenizer, max_length=self.question_max_length)
+        return dict(volume=np.ascontiguousarray(volume, np.float32), **text, record_index=np.int64(index))
+
+
+def _is_record_list(source) -> bool:
+    return isinstance(source, Sequence) and (len(source) == 0 or isinstance(source[0], Mapping))
+
+
+def _decode_record(record, index: int) -> dict:
+    if isinstance(record, (bytes, np.bytes_)):
+        record = record.decode("utf-8")
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as error:
+            raise RecordError(f"preprocessed example {index}: its record is not valid JSON: {error}",
+                              path=f"#{index}") from None
+    validate_record(record, index=index)
+    return record
+
+
+def _check_preprocessed(volume, shape, record) -> np.ndarray:
+    volume = np.asarray(volume, np.float32)
+    if volume.shape == shape:
+        volume = volume[None]
+    if volume.shape != (1, *shape):
+        raise VolumeShapeError(
+            f"preprocessed volume of record {record.get('id')!r} has shape {volume.shape}; expected "
+            f"(1, {', '.join(map(str, shape))}) (cfg.volume_shape): rebuild the TFDS data set at this shape",
+            path=record.get("vision3d", [record.get("id")])[0],
+        )
+    return volume
+
+
+# ---------------------------------------------------------------------------------------------------
+# The order of visits.
+
+
+class _WithEpoch:
+    """Position in the repeated stream → (epoch, record index)."""
+
+    def __init__(self, num_records: int):
+        self.num_records = num_records
+
+    def __call__(self, position: int, index) -> tuple[int, int]:
+        return position // self.num_records, int(index)
+
+
+def visit_order(num_records: int, cfg, *, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """This process's `(epoch, record_index)` visits: a seeded shuffle, a new one each epoch, repeated
+    `cfg.num_epochs` times (None: forever), then every `process_count`-th visit from `process_index`."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
+    if num_records == 0:
+        raise ValueError("the data set has no records")
+    visits = grain.MapDataset.range(num_records)
+    if cfg.shuffle:
+        visits = visits.shuffle(seed=int(cfg.seed))
+    visits = visits.repeat(cfg.num_epochs).map_with_index(_WithEpoch(num_records))
+    return visits[process_index::process_count]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunks: what the workers send.
+
+# Arrays this large cross from the workers in shared memory; the token arrays are cheaper to pickle.
+SHARED_MEMORY_MIN_BYTES = 1 << 20
+
+
+def stack_examples(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Examples → one batch of numpy arrays, the batch axis first.
+
+    `volume` (batch, 1, depth, height, width) float32; `input_ids`, `labels`, `attention_mask`
+    (batch, length) int32; `question_ids`, `question_mask` (batch, question_length) int32;
+    `record_index` (batch,) int64. (No question arrays when the pipeline has no question tokenizer.)
+    """
+    keys = [key for key in BATCH_KEYS if key in examples[0]]
+    return {key: np.stack([np.asarray(example[key]) for example in examples]) for key in keys}
+
+
+def _in_batch_order(arrays: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    # Grain's tree functions hand dicts back with their keys sorted.
+    return [(key, arrays[key]) for key in BATCH_KEYS if key in arrays]
+
+
+class Chunk(NamedTuple):
+    """`batch_size` consecutive visits as made in a worker: the good examples stacked, the bad ones aside.
+
+    A NamedTuple, so that Grain's tree functions reach the arrays inside: it moves those through shared
+    memory and makes the main process the owner that frees them (a leaf object would be pickled
+    whole, and its shared memory never freed).
+
+    examples: `stack_examples` of the good ones, in visit order (None if there are none).
+    visits: how many visits the chunk covers (`batch_size`, fewer at the end of the data).
+    skipped: {position in the chunk: Skipped}.
+    """
+
+    examples: dict[str, np.ndarray] | None
+    visits: int
+    skipped: dict[int, Skipped]
+
+
+def make_chunk(elements: Sequence[dict | Skipped]) -> Chunk:
+    good = [e for e in elements if not isinstance(e, Skipped)]
+    return Chunk(
+        examples=stack_examples(good) if good else None,
+        visits=len(elements),
+        skipped={i: e for i, e in enumerate(elements) if isinstance(e, Skipped)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches, skips and the iterator state, in the main process.
+
+
+class Batches(grain.IterDataset):
+    """This process's batches: examples of `visits` made by `load`, `batch_size` at a time, bad ones skipped.
+
+    The examples come from an inner Grain pipeline (reader threads, worker processes) that starts at
+    a given visit and delivers chunks of `batch_size` consecutive visits, stacked in the worker; a
+    chunk without a bad example is passed on as the batch itself, without a copy. The iterator state is
+    a position in the visit stream and the skip count — valid for any worker or thread count and any
+    Grain version — and restoring it starts the inner pipeline at that position.
+    """
+
+    def __init__(self, visits: grain.MapDataset, load: LoadExample, cfg, *, identity: Mapping[str, Any]):
+        super().__init__()
+        self.visits = visits
+        self.load = load
+        self.batch_size = int(cfg.batch_size)
+        self.drop_remainder = bool(cfg.drop_remainder)
+        self.strict = bool(cfg.strict)
+        self.max_skip_fraction = float(cfg.max_skip_fraction)
+        self.read_options = grain.ReadOptions(
+            num_threads=int(cfg.read_threads), prefetch_buffer_size=int(cfg.prefetch_buffer_size)
+        )
+        self.worker_count = int(cfg.worker_count)
+        self.identity = dict(identity)
+        if self.batch_size < 1:
+            raise ValueError(f"cfg.batch_size must be positive, got {cfg.batch_size}")
+
+    def chunks(self, start: int) -> grain.DatasetIterator:
+        """`Chunk`s of the visits from `start` on, in order."""
+        chunks = self.visits[start:].map(self.load).batch(self.batch_size, batch_fn=make_chunk)
+        chunks = chunks.to_iter_dataset(self.read_options)
+        if self.worker_count > 0:
+            _mark_absl_flags_parsed()
+            chunks = grain.experimental.WithOptionsIterDataset(
+                chunks, grain.experimental.DatasetOptions(min_shm_size=SHARED_MEMORY_MIN_BYTES)
+            ).mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
+        return chunks.__iter__()
+
+    def __iter__(self) -> BatchIterator:
+        return BatchIterator(self)
+
+    def __str__(self) -> str:
+        return f"Batches(batch_size={self.batch_size}, workers={self.worker_count}, {self.identity})"
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Batches of `Batches`; `get_state()` → `{"next_index", "skipped", **identity}` (JSON)."""
+
+    def __init__(self, dataset: Batches):
+        super().__init__()
+        self.dataset = dataset
+        self.next_index = 0  # visits consumed: examples batched plus examples skipped
+        self.skipped = 0
+        self._chunks: grain.DatasetIterator | None = None  # started on the first batch
+        self._chunk: Chunk | None = None
+        self._position = 0  # visits of `_chunk` consumed
+        self._row = 0  # good examples of `_chunk` consumed
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        if self._chunks is None:
+            self._chunks = self.dataset.chunks(self.next_index)
+        size = self.dataset.batch_size
+        pieces: list[dict[str, np.ndarray]] = []
+        count = 0
+        while count < size:
+            if self._chunk is None or self._position == self._chunk.visits:
+                try:
+                    self._chunk, self._position, self._row = next(self._chunks), 0, 0
+                except StopIteration:
+                    self._chunk = None
+                    self._check_budget(at_end=True)
+                    if count and not self.dataset.drop_remainder:
+                        break
+                    raise
+            chunk = self._chunk
+            if count == 0 and self._position == 0 and chunk.visits == size and not chunk.skipped:
+                self._position, self.next_index = size, self.next_index + size
+                # Plain arrays that keep the worker's shared memory alive: no copy.
+                return {key: np.asarray(value) for key, value in _in_batch_order(chunk.examples)}
+            first_row = self._row
+            while self._position < chunk.visits and count < size:
+                skipped = chunk.skipped.get(self._position)
+                self._position += 1
+                self.next_index += 1
+                if skipped is not None:
+                    self._skip(skipped)
+                else:
+                    self._row += 1
+                    count += 1
+            if self._row > first_row:
+                pieces.append({key: value[first_row : self._row] for key, value in chunk.examples.items()})
+        keys = [key for key, _ in _in_batch_order(pieces[0])]
+        return {key: np.concatenate([np.asarray(piece[key]) for piece in pieces]) for key in keys}
+
+    def _skip(self, skipped: Skipped) -> None:
+        if self.dataset.strict:
+            raise skipped.error
+        self.skipped += 1
+        logger.warning(
+            "skipping record %d (%s): %s: %s [%d of %d examples skipped so far]",
+            skipped.record_index, skipped.error.path, type(skipped.error).__name__, skipped.error,
+            self.skipped, self.next_index,
+        )
+        self._check_budget(at_end=False, last=skipped)
+
+    def _check_budget(self, *, at_end: bool, last: Skipped | None = None) -> None:
+        seen, budget = self.next_index, self.dataset.max_skip_fraction
+        if self.skipped <= budget * seen or (not at_end and seen < MIN_SEEN_BEFORE_ABORT):
+            return
+        last_line = f"; the last: {last.error}" if last is not None else ""
+        raise TooManySkipsError(
+            f"skipped {self.skipped} of {seen} examples ({self.skipped / seen:.1%}), more than "
+            f"max_skip_fraction={budget:g}: the data set is broken or misconfigured (the warnings above "
+            f"name each file{last_line}). Fix or remove the bad records, or raise cfg.max_skip_fraction."
+        )
+
+    def get_state(self) -> dict[str, Any]:
+        return dict(next_index=self.next_index, skipped=self.skipped, **self.dataset.identity)
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        different = {
+            key: (state.get(key), value) for key, value in self.dataset.identity.items() if state.get(key) != value
+        }
+        if different:
+            raise ValueError(
+                "the iterator state belongs to another data stream; (saved, now): "
+                + ", ".join(f"{key}={saved!r} vs {now!r}" for key, (saved, now) in different.items())
+            )
+        self._close_chunks()
+        self.next_index = int(state["next_index"])
+        self.skipped = int(state["skipped"])
+
+    def _close_chunks(self) -> None:
+        if self._chunks is not None:
+            self._chunks.close()
+        self._chunks, self._chunk, self._position, self._row = None, None, 0, 0
+
+    def close(self) -> None:
+        self._close_chunks()
+        super().close()
+
+    def __str__(self) -> str:
+        return f"BatchIterator(next_index={self.next_index}, skipped={self.skipped})"
+
+
+def _mark_absl_flags_parsed() -> None:
+    # Grain 0.2.x reads an absl flag when it starts worker processes, which raises
+    # UnparsedFlagAccessError in programs that do not run under absl.app (google/grain#1355).
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_dataset(
+    records_or_source,
+    cfg,
+    *,
+    train: bool,
+    tokenizer,
+    question_tokenizer,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """The batches of this process, as a Grain `IterDataset`.
+
+    Args:
+      records_or_source: a list of annotation records (`annotations.load_records(..., validate=False)`
+        leaves bad ones for the pipeline to skip; `vision3d` paths must be resolved), or a random-access
+        source of preprocessed examples `{"volume", "record"}` (`tfds_builder.open_preprocessed`).
+      cfg: the data config (`med2e3_jax.data_config.data_config()`).
+      train: augment (if `cfg.augment`) — evaluation reads volumes as they are.
+      tokenizer: the LLM's tokenizer; question_tokenizer: TG-IS's BERT tokenizer, or None for a model
+        without the question branch (the batches then have no `question_ids` / `question_mask`).
+      process_index, process_count: this host among all (`jax.process_index()`, `jax.process_count()`,
+        read by the caller).
+
+    Returns:
+      An `IterDataset` of dicts (see `stack_examples`) with `cfg.batch_size` examples each (the last
+      one smaller unless `cfg.drop_remainder`). Its iterator's `get_state()` is a small JSON-able dict
+      (`next_index`, `skipped`, …) and `set_state()` resumes at the batch after it, in a new process too.
+      Close the iterator (`.close()`) when done with it to stop worker processes promptly.
+    """
+    load = LoadExample(records_or_source, cfg, train=train, tokenizer=tokenizer,
+                       question_tokenizer=question_tokenizer)
+    visits = visit_order(len(records_or_source), cfg, process_index=process_index, process_count=process_count)
+    identity = dict(
+        num_records=len(records_or_source), seed=int(cfg.seed), shuffle=bool(cfg.shuffle),
+        num_epochs=None if cfg.num_epochs is None else int(cfg.num_epochs),
+        process_index=int(process_index), process_count=int(process_count),
+    )
+    return Batches(visits, load, cfg, identity=identity)

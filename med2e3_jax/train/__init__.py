@@ -1,0 +1,1 @@
+"""Training: optimizer and trainable-parameter selection (`state`), the jitted step (`step`)."""

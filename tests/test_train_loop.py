@@ -1,0 +1,105 @@
+"""The training loop: metrics, NaN handling, preemption (SIGTERM), the two-stage hand-over."""
+
+import glob
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from training_runs import (
+    compilation_cache,
+    launch,
+    loop_config,
+    shared_cache_dir,
+    synthetic_iterator,
+    tail,
+    wait_for,
+)
+
+from med2e3_jax import sharding
+from med2e3_jax.train import loop
+from med2e3_jax.train.checkpointing import CHECKPOINT_DIR, TrainCheckpointer
+from med2e3_jax.train.metrics import read_metrics
+
+METRICS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "step_time", "slice_score_entropy")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    with compilation_cache(shared_cache_dir(tmp_path_factory)):
+        yield
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+    result = loop.train(loop_config(steps=2, checkpoint_every=2), tmp_path, make_iterator=synthetic_iterator())
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert set(METRICS) <= set(record), sorted(record)
+        assert all(np.isfinite(record[k]) for k in METRICS)
+    assert records[-1]["loss"] == pytest.approx(result.metrics["loss"])
+    events = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+    assert len(events) == 1
+    with open(events[0], "rb") as f:
+        content = f.read()
+    assert all(f"train/{name}".encode() in content for name in METRICS)
+
+
+def test_nan_loss_stops_with_clear_message_and_last_good_checkpoint_intact(tmp_path):
+    # Batch 2 (step 3) is NaN; checkpoints every 2 steps, logs only every 5: the check before the save
+    # of step 4 must catch it, and the checkpoint of step 2 must stay the latest.
+    config = loop_config(steps=6, checkpoint_every=2, log_every=5)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss=nan.* at step 3.*last good checkpoint is step 2"):
+        loop.train(config, tmp_path, make_iterator=synthetic_iterator(nan_at=2))
+    with TrainCheckpointer(tmp_path / CHECKPOINT_DIR) as checkpointer:
+        assert checkpointer.all_steps() == [2]
+        params = checkpointer.manager.restore(2).params  # as saved, no target needed
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    # And the run resumes from it once the data is fixed.
+    resumed = loop.train(config, tmp_path, make_iterator=synthetic_iterator())
+    assert resumed.step == 6 and np.isfinite(resumed.metrics["loss"])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    workdir, marker, result, log = (str(tmp_path / n) for n in ("run", "started", "result.json", "log.txt"))
+    process = launch(["--workdir", workdir, "--steps", "1000", "--checkpoint_every", "1000",
+                      "--marker", marker, "--marker_at_batch", "2", "--result", result], log_path=log)
+    try:
+        wait_for(lambda: os.path.exists(marker), timeout=300, process=process, log_path=log)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, tail(log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    with open(result) as f:
+        summary = json.load(f)
+    assert summary["preempted"] and 2 <= summary["step"] < 1000
+    with TrainCheckpointer(os.path.join(workdir, CHECKPOINT_DIR)) as checkpointer:
+        assert checkpointer.all_steps() == [summary["step"]]
+    # The batch fetched when the signal was seen was not trained on: a resumed run reads it again.
+    with open(os.path.join(workdir, CHECKPOINT_DIR, str(summary["step"]), "data_iterator", "process_0-of-1.json")) as f:
+        assert json.load(f) == {"next_index": summary["step"]}
+
+
+def test_run_stops_with_a_checkpoint_when_the_data_runs_out(tmp_path):
+    result = loop.train(loop_config(steps=5, checkpoint_every=100), tmp_path,
+                        make_iterator=synthetic_iterator(num_batches=3))
+    assert result.step == 3 and not result.preempted
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    with TrainCheckpointer(tmp_path / CHECKPOINT_DIR) as checkpointer:
+        assert checkpointer.all_steps() == [3]
+
+
+def test_finetune_starts_from_pretrain_weights(tmp_path):
+    pretrain = loop.train(loop_config("pretrain", steps=2, checkpoint_every=2), tmp_path / "pretrain",
+                          make_iterator=synthetic_iterator())
+    config = loop.per_process_config(loop_config("finetune", init_from=str(tmp_path / "pretrain")), 1)
+    mesh = sharding.make_mesh(config.mesh)
+    model = loop.build_model(config, mesh)
+    trained, fresh = pretrain.model, loop.build_model(loop.per_process_config(loop_config("finetune"), 1), mesh)
+    np.testing.assert_array_equal(model.tgis.text_mlp.kernel[...], trained.tgis.text_mlp.kernel[...])
+    assert not np.array_equal(model.tgis.text_mlp.kernel[...], fresh.tgis.text_mlp.kernel[...])
+    # The LLM was frozen in pretraining: it still holds the seeded init.
+    np.testing.assert_array_equal(model.llm.lm_head.kernel[...], fresh.llm.lm_head.kernel[...])
