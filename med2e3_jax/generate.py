@@ -252,7 +252,8 @@ class _Prompt:
         cache = decoder.init_cache(self.embeds.shape[0], self.cache_len)
         out = decoder(inputs_embeds=self.embeds, positions=self.positions, attention_mask=self.mask, cache=cache)
         last = jnp.argmax(jnp.where(self.mask, self.positions, -1), axis=1)
-        return _lm_head(decoder, jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)[:, 0]), out.cache
+        # Only the rows the loop reads go through the vocabulary projection; XLA drops the rest.
+        return decoder.logits(jnp.take_along_axis(out.hidden_states, last[:, None, None], axis=1)[:, 0]), out.cache
 
     def step(self, decoder: Decoder, cache: KVCache, generated, k, copies: int = 1):
         """Logits for generated token k (k >= 1): feeds token k - 1 at each row's position.
@@ -289,16 +290,7 @@ class _Prompt:
         out = decoder(inputs_embeds=embeds, positions=positions, attention_mask=mask,
                       cache=decoder.init_cache(rows, self.cache_len))
         last = self.embeds.shape[1] + k - 1
-        return _lm_head(decoder, jax.lax.dynamic_index_in_dim(out.hidden_states, last, axis=1, keepdims=False)), out.cache
-
-
-def _lm_head(decoder: Decoder, hidden):
-    """Logits (float32) of final-norm hidden states: as `Decoder.__call__` computes them, for the rows
-    the loop reads only — the prompt's other positions then never reach the vocabulary projection
-    (XLA drops the unused full-length logits), which is most of a small model's prefill."""
-    if decoder.tie_word_embeddings:
-        return decoder.embed_tokens.attend(hidden).astype(jnp.float32)
-    return decoder.lm_head(hidden).astype(jnp.float32)
+        return decoder.logits(jax.lax.dynamic_index_in_dim(out.hidden_states, last, axis=1, keepdims=False)), out.cache
 
 
 def _is_eos(tokens, eos_ids):
