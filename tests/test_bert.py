@@ -4,11 +4,11 @@ import json
 import os
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from torch_weights_for_tests import randomize
 
 from med2e3_jax.checkpoint.bert_port import BERT_TABLE, bert_config_from_hf
 from med2e3_jax.checkpoint.importer import export_pytorch, load_pytorch
@@ -36,28 +36,6 @@ TINY_HF = dict(
 LENGTHS = (10, 7, 4)
 
 
-@pytest.fixture(autouse=True)
-def highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def _randomize(torch_model, seed):
-    """Weights of order one, so that a wrong transpose or activation cannot hide under a tiny init."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in torch_model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim >= 2:
-                param.copy_(noise / param[0].numel() ** 0.5)
-            elif "LayerNorm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * noise)
-            else:
-                param.copy_(0.1 * noise)
-
-
 def _import(cfg, tensors, table):
     abstract = nnx.eval_shape(lambda: BertEncoder(cfg, rngs=nnx.Rngs(0)))
     return load_pytorch(abstract, DictSource(tensors), table)
@@ -69,7 +47,7 @@ def hf_and_ours():
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.BertConfig(**TINY_HF, attn_implementation="eager")
     torch_model = transformers.BertModel(hf_config).eval()
-    _randomize(torch_model, seed=0)
+    randomize(torch_model, seed=0)
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     model, _ = _import(bert_config_from_hf(hf_config.to_dict()), state, BERT_TABLE)
 

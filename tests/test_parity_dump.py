@@ -17,24 +17,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from med2e3_jax.checkpoint.writers import write_safetensors  # noqa: E402
+from torch_weights_for_tests import randomize  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 SLICES, SIZE, PATCH_3D, PATCH_2D = 16, 32, (4, 8, 8), 8  # 3D grid (4,4,4) -> pooled (2,2,2): 2 depth groups
 D = 48
 
 
-def _seeded_normal(module, generator):
-    """Order-one random weights (the default init is too small to exercise anything); norm scales near 1."""
-    for param in module.parameters():
-        noise = torch.randn(param.shape, generator=generator)
-        is_scale = param.ndim == 1 and bool((param.data == 1).all())
-        param.data = 1 + 0.1 * noise if is_scale else noise * (0.3 if param.ndim > 1 else 0.1)
-
-
 @pytest.fixture(scope="module")
 def llama_fixture(tmp_path_factory):
     directory = tmp_path_factory.mktemp("llama_fixture")
-    generator = torch.Generator().manual_seed(0)
     llm_cfg = transformers.LlamaConfig(
         vocab_size=200, hidden_size=D, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
@@ -51,8 +43,8 @@ def llama_fixture(tmp_path_factory):
     llm = transformers.LlamaForCausalLM(llm_cfg).eval()
     siglip = transformers.SiglipVisionModel(siglip_cfg).eval()
     bert = transformers.BertModel(bert_cfg, add_pooling_layer=True).eval()
-    for module in (llm, siglip, bert):
-        _seeded_normal(module, generator)
+    for seed, module in enumerate((llm, siglip, bert)):
+        randomize(module, seed)
 
     rng = np.random.default_rng(0)
     c3, grid = 20, (SLICES // PATCH_3D[0]) * (SIZE // PATCH_3D[1]) ** 2
