@@ -407,3 +407,58 @@ def _window(window: Sequence[float]) -> tuple[np.float32, np.float32]:
     if not hi > lo:
         raise ValueError(f"HU window {tuple(window)}: the upper bound must exceed the lower")
     return np.float32(lo), np.float32(hi - lo)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI: one volume as the model sees it in evaluation.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m data_pipelines.preprocess --input PATH --output OUT.npy [--modality ...] [--shape D H W]`.
+
+    Reads PATH (`.npy`, `.nii` / `.nii.gz` or a DICOM series directory) with `read_volume` and writes
+    `preprocess_volume` of it — the pipeline's evaluation transform, no augmentation — as float32
+    (1, depth, height, width). Prints the source's shape, spacing and value range.
+    """
+    import argparse
+    import os
+
+    from data_pipelines.errors import DataError
+    from data_pipelines.readers import read_volume
+
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipelines.preprocess",
+        description="Write one volume preprocessed exactly as the evaluation pipeline feeds the model.",
+    )
+    parser.add_argument("--input", required=True, help="a .npy, .nii / .nii.gz file or a DICOM series directory")
+    parser.add_argument("--output", required=True, help="the .npy file to write")
+    parser.add_argument(
+        "--modality", choices=MODALITIES, default="auto",
+        help="ct: HU window then min-max; mr: min-max; unit: already in [0, 1] (M3D's .npy); auto (the "
+             "pipeline's default): unit for .npy, ct for NIfTI and CT DICOM, mr for other DICOM",
+    )
+    parser.add_argument("--shape", type=int, nargs=3, default=(32, 256, 256), metavar=("D", "H", "W"))
+    parser.add_argument("--hu-window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LO", "HI"),
+                        help="the HU window of modality ct")
+    args = parser.parse_args(argv)
+
+    try:
+        volume = read_volume(args.input)
+        array = preprocess_volume(volume, shape=args.shape, modality=args.modality, window=args.hu_window)
+    except DataError as error:
+        parser.exit(1, f"error: {type(error).__name__}: {error}\n")
+    modality = volume.modality_hint if args.modality == "auto" else args.modality
+    spacing = "unknown (no geometry in the file)" if volume.spacing is None else (
+        " x ".join(f"{s:g}" for s in volume.spacing) + " mm")
+    print(f"source: {volume.source}")
+    print(f"  shape (depth, height, width): {volume.array.shape}, spacing {spacing}")
+    print(f"  values {float(volume.array.min()):g} .. {float(volume.array.max()):g} (read as {modality})")
+    if os.path.dirname(args.output):
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    np.save(args.output, array)
+    print(f"wrote {args.output}: {array.dtype} {array.shape}, values {float(array.min()):g} .. {float(array.max()):g}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -242,3 +242,25 @@ def test_augment_refuses_non_square_slices_and_bad_keys():
         augment(np.zeros((1, 2, 3, 4), np.float32), seed=0, epoch=0, index=0)
     with pytest.raises(ValueError, match="index"):
         sample_augmentation(seed=0, epoch=0, index=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real CTs (fetched by scripts/fetch_assets.py; skipped when absent).
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["example_ct.nii.gz", "example_ct_sm.nii.gz", "aorta_report/example_ct.nii.gz", "example_ct_dicom"],
+)
+def test_preprocessing_of_the_real_ct_matches_monai(name):
+    from data_pipelines.assets import AssetError, asset_path
+    from data_pipelines.readers import read_volume
+
+    try:
+        path = asset_path(f"totalsegmentator/{name}")
+    except AssetError as error:
+        pytest.skip(f"real CT not fetched: {error}")
+    volume = read_volume(path)
+    ours = preprocess_volume(volume, shape=(32, 256, 256), modality="ct")
+    assert max_diff(ours, monai_reference(volume.array, (32, 256, 256), "ct")) <= TOLERANCE
+    assert volume.array.min() < -1000 < volume.array.max()  # real air and tissue on both sides of the window

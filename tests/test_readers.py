@@ -2,6 +2,7 @@
 and every bad file raises its own DataError naming the file."""
 
 import gzip
+import pathlib
 import pickle
 
 import nibabel as nib
@@ -334,3 +335,96 @@ def test_volume_is_immutable_record():
     volume = Volume(np.zeros((1, 1, 1), np.float32), None, "x.npy", "unit")
     with pytest.raises(AttributeError):
         volume.source = "y.npy"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real CTs fetched from the TotalSegmentator sdist (scripts/fetch_assets.py); skipped when absent.
+
+
+def real_asset(name):
+    from data_pipelines.assets import AssetError, asset_path
+
+    try:
+        return asset_path(f"totalsegmentator/{name}")
+    except AssetError as error:
+        pytest.skip(f"real CT not fetched: {error}")
+
+
+def nibabel_canonical(path):
+    """The file's voxels in the frame (superior→inferior, anterior→posterior, right→left), via nibabel's
+    own RAS canonical form: a route independent of the reader's."""
+    ras = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
+    return ras.transpose(2, 1, 0)[::-1, ::-1, ::-1]
+
+
+@pytest.mark.parametrize(
+    "name, on_disk, shape, spacing, hu_range",
+    [
+        ("example_ct.nii.gz", ("R", "A", "S"), (112, 101, 122), (3.0, 3.0, 3.0), (-1207, 3382)),
+        ("example_ct_sm.nii.gz", ("R", "A", "S"), (30, 101, 122), (3.0, 3.0, 3.0), (-1100, 1207)),
+        ("aorta_report/example_ct.nii.gz", ("L", "P", "S"), (191, 167, 233), (1.5, 1.5, 1.5), (-1094, 3343)),
+    ],
+)
+def test_real_nifti_ct_reads_in_hu_in_the_canonical_frame(name, on_disk, shape, spacing, hu_range):
+    path = real_asset(name)
+    assert nib.aff2axcodes(nib.load(path).affine) == on_disk
+    volume = read_volume(path)
+    assert volume.array.shape == shape and volume.spacing == pytest.approx(spacing)
+    assert (volume.array.min(), volume.array.max()) == hu_range
+    assert volume.modality_hint == "ct"
+    np.testing.assert_array_equal(volume.array, nibabel_canonical(path))
+
+
+def test_small_example_ct_is_the_top_thirty_slices_of_the_example_ct():
+    # Its header repeats example_ct's affine (origin included), yet its voxels are example_ct's most
+    # superior 30 slices: the label maps that come with it fit these voxels, not example_ct's.
+    small, full = read_volume(real_asset("example_ct_sm.nii.gz")), read_volume(real_asset("example_ct.nii.gz"))
+    np.testing.assert_array_equal(small.array, full.array[:30])
+
+
+def dicom_slices(directory):
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pylibjpeg")
+    return [pydicom.dcmread(path) for path in sorted(pathlib.Path(directory).iterdir())]
+
+
+def test_real_jpeg2000_dicom_series_reads_in_hu():
+    directory = real_asset("example_ct_dicom")
+    slices = dicom_slices(directory)
+    assert len(slices) == 20 and slices[0].file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"  # JPEG 2000 lossless
+    volume = read_volume(directory)
+    assert volume.array.shape == (20, 512, 512) and volume.spacing == pytest.approx((2.0, 0.9765625, 0.9765625))
+    assert (volume.array.min(), volume.array.max()) == (-1024, 1839)
+    assert volume.modality_hint == "ct"
+
+
+def test_real_dicom_series_equals_its_nifti_counterpart(tmp_path):
+    """TotalSegmentator's NIfTI of this series (example_seg_dicom.nii.gz) fixes its grid in the world:
+    filled with the DICOM pixels found at each of its voxel centres (from the DICOM headers alone), it is
+    the series as a NIfTI file, and both readers must give the same volume."""
+    directory = real_asset("example_ct_dicom")
+    reference = nib.load(real_asset("example_seg_dicom.nii.gz"))
+    assert nib.aff2axcodes(reference.affine) == ("L", "A", "S")  # not the DICOM's own (L, P, S) order
+    slices = dicom_slices(directory)
+    ds = slices[0]
+    assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]  # rows along x, columns along y
+    row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+    corner = np.array([float(v) for v in ds.ImagePositionPatient])
+
+    # NIfTI voxel (i, j, k) -> RAS world -> DICOM's LPS world -> (slice z, row, column) of the series.
+    grid = reference.shape
+    world = [reference.affine[axis, axis] * np.arange(grid[axis]) + reference.affine[axis, 3] for axis in range(3)]
+    assert np.count_nonzero(reference.affine[:3, :3] - np.diag(np.diag(reference.affine[:3, :3]))) == 0
+    lps_x, lps_y, lps_z = -world[0], -world[1], world[2]
+    columns, rows = (lps_x - corner[0]) / column_spacing, (lps_y - corner[1]) / row_spacing
+    by_z = {round(float(s.ImagePositionPatient[2]), 3): s for s in slices}
+    for index in (columns, rows):
+        np.testing.assert_allclose(index, np.round(index), atol=1e-3)  # voxel centres fall on pixel centres
+    assert sorted(by_z) == sorted(round(float(z), 3) for z in lps_z)
+    ordered = [by_z[round(float(z), 3)] for z in lps_z]
+    hu = np.stack([s.pixel_array * float(s.RescaleSlope) + float(s.RescaleIntercept) for s in ordered], axis=-1)
+    data = hu[np.round(rows).astype(int)][:, np.round(columns).astype(int)].transpose(1, 0, 2)  # (i, j, k)
+
+    target = tmp_path / "example_ct_dicom.nii.gz"
+    nib.save(nib.Nifti1Image(data.astype(np.int16), reference.affine), str(target))
+    np.testing.assert_array_equal(read_volume(target).array, read_volume(directory).array)

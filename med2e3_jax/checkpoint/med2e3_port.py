@@ -7,6 +7,8 @@ written once and serves the full `state_dict`, the release layout and each compo
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,6 +55,15 @@ FULL_TABLE = (
     ))
 )
 
+# An HF BERT checkpoint as the TG-IS question encoder (e.g. all-MiniLM-L6-v2): a bare `BertModel`, or a
+# model with a head whose encoder sits under `bert.`, the head itself (`cls.*`: MLM / next-sentence
+# prediction) being of no use to TG-IS. The pooler must be there: its output is the question feature.
+QUESTION_ENCODER_TABLE = (
+    BERT_TABLE.prefixed("", "question_encoder.")
+    + BERT_TABLE.prefixed("bert.", "question_encoder.")
+    + PortTable((), unused=("cls.*",))
+)
+
 # name -> (table, the top-level submodules it fills; None = all).
 COMPONENTS: dict[str, tuple[PortTable, tuple[str, ...] | None]] = {
     "full": (FULL_TABLE, None),
@@ -60,7 +71,26 @@ COMPONENTS: dict[str, tuple[PortTable, tuple[str, ...] | None]] = {
     "siglip": (SIGLIP_CHECKPOINT_TABLE, ("vision2d",)),
     "m3d_clip": (M3D_CLIP_TABLE, ("vision3d", "question_encoder")),
     "vit3d": (VIT3D_TABLE.prefixed("", "vision3d."), ("vision3d",)),
+    "question_encoder": (QUESTION_ENCODER_TABLE, ("question_encoder",)),
 }
+
+
+def question_encoder_config(checkpoint: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The `question_encoder` sub-config of an HF BERT checkpoint, from the `config.json` beside it
+    (`checkpoint` is the folder or a weights file in it). The TG-IS question width, `text_mlp`'s input,
+    is its `hidden_size` (384 for all-MiniLM-L6-v2, 768 for M3D-CLIP's bert-base)."""
+    folder = os.fspath(checkpoint)
+    if not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: the question encoder's BertConfig is read from it") from None
+    if hf.get("model_type", "bert") != "bert":
+        raise ValueError(f"{path}: model_type {hf['model_type']!r}; the question encoder is a BERT ('bert')")
+    return bert_config_from_hf(hf)
 
 
 def config_from_reference(reference: Mapping[str, Any]) -> ml_collections.ConfigDict:
