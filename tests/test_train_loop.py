@@ -103,3 +103,29 @@ def test_finetune_starts_from_pretrain_weights(tmp_path):
     assert not np.array_equal(model.tgis.text_mlp.kernel[...], fresh.tgis.text_mlp.kernel[...])
     # The LLM was frozen in pretraining: it still holds the seeded init.
     np.testing.assert_array_equal(model.llm.lm_head.kernel[...], fresh.llm.lm_head.kernel[...])
+
+
+def test_components_are_imported_over_the_seeded_init_and_stay_frozen(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    config = loop_config(steps=2, checkpoint_every=2)
+    encoder = config.model.question_encoder
+    hf_config = transformers.BertConfig(
+        vocab_size=encoder.vocab_size, hidden_size=encoder.hidden_size, num_hidden_layers=encoder.num_layers,
+        num_attention_heads=encoder.num_heads, intermediate_size=encoder.intermediate_size,
+        max_position_embeddings=encoder.max_position_embeddings, type_vocab_size=encoder.type_vocab_size,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(hf_config).save_pretrained(tmp_path / "bert")
+    written = transformers.BertModel.from_pretrained(tmp_path / "bert").state_dict()
+    config.train.components.question_encoder = str(tmp_path / "bert")
+
+    result = loop.train(config, tmp_path / "run", make_iterator=synthetic_iterator())
+    ours = result.model.question_encoder
+    np.testing.assert_array_equal(np.asarray(ours.embeddings.word_embeddings.embedding),
+                                  written["embeddings.word_embeddings.weight"].numpy())
+    np.testing.assert_array_equal(np.asarray(ours.pooler.dense.kernel), written["pooler.dense.weight"].numpy().T)
+
+    config.train.base_checkpoint = str(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="base_checkpoint and config.train.components"):
+        loop.train(config, tmp_path / "both", make_iterator=synthetic_iterator())

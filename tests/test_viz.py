@@ -55,3 +55,13 @@ def test_mismatched_scores_are_refused_with_their_shapes():
         viz.slice_attention_figure(volume, scores[0, :31], "q")
     with pytest.raises(ValueError, match="questions=2"):
         viz.question_grid_figure(volume, scores, ["a", "b"])
+
+
+def test_ground_truth_slices_are_shaded_behind_the_bars():
+    volume, scores = _volume_and_scores()
+    fig = viz.slice_attention_figure(volume, scores[0], "Where is the lesion?", truth=[5, 9])
+    bars = fig.axes[-1]
+    (span,) = [p for p in bars.patches if p.get_width() > 1]  # the bars are 0.8 wide
+    assert (span.get_x(), span.get_x() + span.get_width()) == (4.5, 9.5)
+    with pytest.raises(ValueError, match="outside the 32 slices"):
+        viz.slice_attention_figure(volume, scores[0], "?", truth=[30, 32])

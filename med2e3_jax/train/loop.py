@@ -38,6 +38,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from med2e3_jax import sharding
+from med2e3_jax.checkpoint.orbax_params import save_params
 from med2e3_jax.models.med2e3 import Med2E3
 from med2e3_jax.train import state as state_lib
 from med2e3_jax.train import step as step_lib
@@ -49,6 +50,7 @@ from med2e3_jax.train.checkpointing import (
 from med2e3_jax.train.metrics import MetricsWriter
 
 CONFIG_FILE = "config.json"
+MODEL_DIR = "model"  # the finished run's whole model, a `save_params` folder
 
 # make_iterator(config, process_index, process_count) -> an iterator of this process's batches (dicts
 # of numpy arrays, leading dim config.data.batch_size) with get_state() / set_state().
@@ -156,9 +158,21 @@ def init_model(model_cfg: ml_collections.ConfigDict, seed: int, mesh) -> Med2E3:
 
 def build_model(config: ml_collections.ConfigDict, mesh) -> Med2E3:
     """The stage's starting point on the mesh: every weight of the base checkpoint (or the seeded init
-    without one), then the trainable weights of the previous stage (`train.init_from`)."""
+    without one, with the pretrained `train.components` imported over it), then the trainable weights of
+    the previous stage (`train.init_from`)."""
     train_cfg = config.train
-    if train_cfg.base_checkpoint:
+    components = {name: path for name, path in train_cfg.get("components", {}).items() if path}
+    if components and train_cfg.base_checkpoint:
+        raise ValueError(f"config.train.base_checkpoint and config.train.components ({sorted(components)}) are both "
+                         "set: the base checkpoint already holds every weight, set one of them")
+    if components:
+        from med2e3_jax.checkpoint.loading import load_med2e3
+
+        model, reports = load_med2e3(config.model, components=components, seed=train_cfg.seed)
+        sharding.shard_model(model, mesh)
+        for name, report in zip(components, reports):
+            logger.info("%s from %s: %s", name, components[name], report.summary())
+    elif train_cfg.base_checkpoint:
         model = nnx.eval_shape(lambda: Med2E3(config.model, rngs=nnx.Rngs(train_cfg.seed)))
         graphdef, abstract = nnx.split(model)
         shardings = sharding.param_shardings(abstract, mesh)
@@ -239,7 +253,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     Args:
       config: an experiment config (`configs/*.py`): model, data, train, mesh, distributed.
-      workdir: checkpoints in `workdir/checkpoints`, `metrics.jsonl`, `tensorboard/`, `config.json`.
+      workdir: checkpoints in `workdir/checkpoints`, `metrics.jsonl`, `tensorboard/`, `config.json`;
+        once `train.steps` are done, the whole model in `workdir/model` (`train.export_model`).
       make_iterator: (config, process_index, process_count) -> this process's batches; the config it
         receives has `data.batch_size` = global batch / processes. Tests pass a synthetic one.
 
@@ -318,6 +333,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                 last_logged = _log(window, writer, step, positions_per_step)
             if step > 0:
                 save(step)
+        if step == train_cfg.steps and not preempted and train_cfg.export_model:
+            # The whole model (frozen weights too) with its config: what generate/evaluate read.
+            save_params(model, os.path.join(workdir, MODEL_DIR))
+            logger.info("model written to %s", os.path.join(workdir, MODEL_DIR))
     finally:
         checkpointer.wait_until_finished()
         checkpointer.close()

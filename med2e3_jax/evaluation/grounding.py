@@ -1,0 +1,103 @@
+"""Does TG-IS look where the answer is? The slice-score mass on the ground-truth slices, against the
+share those slices would get from uniform scores.
+
+A record's `answer_slices` is the inclusive [first, last] range of the slices that hold what its answer
+is about (the synthetic phantoms and the real-CT grounded set store it; null when there is nothing to
+look at). For one prediction, `mass` is the sum of its slice scores over that range and `uniform` the
+range's length over the number of slices: a model that ignores the question scores mass ≈ uniform, one
+that looks at the finding scores mass > uniform. The summary gives their means, their ratio (`lift`)
+and how often mass exceeds uniform, overall and per question type.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from med2e3_jax.evaluation.tasks import record_id, type_name
+
+
+def slice_mass(slice_scores: Sequence[float], slice_range: Sequence[int]) -> tuple[float, float]:
+    """(score mass on slices first..last inclusive, the range's uniform share) for one sample.
+
+    Args:
+      slice_scores: (slices,) non-negative scores; normalised here, so they need not sum to 1 exactly.
+      slice_range: [first, last] slice indices, 0 <= first <= last < slices.
+    """
+    scores = np.asarray(slice_scores, np.float64).reshape(-1)
+    if len(slice_range) != 2:
+        raise ValueError(f"slice range {slice_range!r}: expected [first, last]")
+    first, last = (int(i) for i in slice_range)
+    if not 0 <= first <= last < scores.size:
+        raise ValueError(f"slice range [{first}, {last}] is outside the {scores.size} scored slices")
+    total = scores.sum()
+    if not np.isfinite(total) or total <= 0 or np.any(scores < 0):
+        raise ValueError(f"slice scores must be non-negative with a positive sum, got sum {total}")
+    return float(scores[first:last + 1].sum() / total), (last - first + 1) / scores.size
+
+
+def _stats(pairs: list[tuple[float, float]]) -> dict:
+    mass = np.array([m for m, _ in pairs])
+    uniform = np.array([u for _, u in pairs])
+    return {
+        "count": len(pairs),
+        "mass": float(mass.mean()),
+        "uniform": float(uniform.mean()),
+        "lift": float(mass.mean() / uniform.mean()),
+        "above_uniform": float(np.mean(mass > uniform)),
+    }
+
+
+def grounding_summary(predictions: Sequence[Mapping], records: Sequence[Mapping]) -> dict:
+    """Score mass on the ground truth over every prediction that has slice scores and whose record has
+    `answer_slices`.
+
+    Args:
+      predictions: rows with `id`, `slice_scores` (and optionally `question_type`), as in the
+        evaluation runner's predictions.json.
+      records: the annotation records the predictions were made for (matched by id).
+
+    Returns:
+      {"overall": stats, "per_type": {type name: stats}, "skipped": n} with stats = count, mass,
+      uniform, lift (mass / uniform), above_uniform (fraction of samples with mass > uniform);
+      "overall" is None when no prediction qualifies.
+    """
+    slices_of = {record_id(r, i): r.get("answer_slices") for i, r in enumerate(records)}
+    type_of = {record_id(r, i): r.get("question_type") for i, r in enumerate(records)}
+    overall, per_type, skipped = [], defaultdict(list), 0
+    for row in predictions:
+        key = str(row["id"])
+        if key not in slices_of:
+            raise KeyError(f"prediction {key!r} has no record among the {len(records)} given")
+        slice_range, scores = slices_of[key], row.get("slice_scores")
+        if slice_range is None or scores is None:
+            skipped += 1
+            continue
+        try:
+            pair = slice_mass(scores, slice_range)
+        except ValueError as error:
+            raise ValueError(f"prediction {key!r}: {error}") from None
+        overall.append(pair)
+        kind = type_of[key]
+        per_type[type_name(int(kind)) if kind is not None else "untyped"].append(pair)
+    return {
+        "overall": _stats(overall) if overall else None,
+        "per_type": {name: _stats(pairs) for name, pairs in per_type.items()},
+        "skipped": skipped,
+    }
+
+
+def grounding_table(summary: Mapping) -> str:
+    """The summary as a Markdown table."""
+    lines = ["| | n | mass on the finding's slices | uniform share | lift | mass > uniform |", "|---|---|---|---|---|---|"]
+
+    def row(label, stats):
+        return (f"| {label} | {stats['count']} | {stats['mass']:.3f} | {stats['uniform']:.3f} | "
+                f"{stats['lift']:.2f}× | {100 * stats['above_uniform']:.0f} % |")
+
+    lines += [row(name, stats) for name, stats in summary["per_type"].items()]
+    if summary["overall"] is not None:
+        lines.append(row("**overall**", summary["overall"]))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,56 @@
+"""The TG-IS grounding score: mass on the ground-truth slices against their uniform share."""
+
+import numpy as np
+import pytest
+
+from med2e3_jax.evaluation.grounding import grounding_summary, grounding_table, slice_mass
+
+
+def test_slice_mass_sums_the_range_inclusively():
+    scores = [0.1, 0.2, 0.3, 0.4]
+    mass, uniform = slice_mass(scores, [1, 2])
+    assert mass == pytest.approx(0.5)
+    assert uniform == 0.5
+
+
+def test_uniform_scores_have_mass_equal_to_their_share():
+    mass, uniform = slice_mass(np.full(32, 1 / 32), [4, 11])
+    assert mass == pytest.approx(uniform) and uniform == 8 / 32
+
+
+@pytest.mark.parametrize("bad", [[3, 2], [-1, 2], [0, 4], [1]])
+def test_slice_mass_rejects_ranges_outside_the_scores(bad):
+    with pytest.raises(ValueError, match="slice range"):
+        slice_mass([0.25] * 4, bad)
+
+
+def test_summary_per_type_and_overall_with_skips():
+    records = [
+        {"id": "a", "question_type": 5, "answer_slices": [0, 0]},
+        {"id": "b", "question_type": 5, "answer_slices": [3, 3]},
+        {"id": "c", "question_type": 4, "answer_slices": [2, 3]},
+        {"id": "d", "question_type": 4, "answer_slices": None},
+    ]
+    predictions = [
+        {"id": "a", "slice_scores": [0.7, 0.1, 0.1, 0.1]},  # mass 0.7 on a share of 0.25
+        {"id": "b", "slice_scores": [0.4, 0.4, 0.1, 0.1]},  # mass 0.1
+        {"id": "c", "slice_scores": [0.25, 0.25, 0.25, 0.25]},  # mass 0.5 = its share
+        {"id": "d", "slice_scores": [0.25, 0.25, 0.25, 0.25]},  # nothing to look at
+    ]
+    summary = grounding_summary(predictions, records)
+    assert summary["skipped"] == 1
+    location = summary["per_type"]["location"]
+    assert location["count"] == 2
+    assert location["mass"] == pytest.approx(0.4) and location["uniform"] == pytest.approx(0.25)
+    assert location["lift"] == pytest.approx(1.6) and location["above_uniform"] == 0.5
+    overall = summary["overall"]
+    assert overall["mass"] == pytest.approx((0.7 + 0.1 + 0.5) / 3)
+    assert overall["uniform"] == pytest.approx((0.25 + 0.25 + 0.5) / 3)
+    assert overall["above_uniform"] == pytest.approx(1 / 3)
+    table = grounding_table(summary)
+    assert "| location | 2 | 0.400 | 0.250 | 1.60× | 50 % |" in table
+
+
+def test_summary_names_a_prediction_without_its_record():
+    with pytest.raises(KeyError, match="'z'"):
+        grounding_summary([{"id": "z", "slice_scores": [1.0]}], [{"id": "a", "answer_slices": [0, 0]}])
