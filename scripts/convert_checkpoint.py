@@ -12,6 +12,11 @@ and TG-IS get a random init, as at the start of stage 1):
 
 `--reference_config DIR/config.json` (a golden-fixture config) can stand in for `--config`.
 
+Parameters are written in the config's `model.param_dtype` (float32 unless the config says otherwise);
+add `--config.model.param_dtype=bfloat16` to keep a bf16 checkpoint in bf16, at half the size. The
+conversion streams tensor by tensor into an abstract model and saves without a second copy: its peak
+resident memory is about 1.1x the bytes of the parameters written (benchmarks/bench_convert.py).
+
 Orbax -> PyTorch (module-path keys, one safetensors file, or the release layout with --layout=release):
 
     python scripts/convert_checkpoint.py --orbax /path/to/orbax --out model.safetensors

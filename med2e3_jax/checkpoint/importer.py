@@ -20,6 +20,14 @@ def param_specs(model: nnx.Module, only: tuple[str, ...] | None = None) -> dict[
     }
 
 
+def param_counts(model: nnx.Module) -> dict[str, int]:
+    """Top-level submodule (`llm`, `vision2d`, …) -> number of parameters; `model` may be abstract."""
+    counts: dict[str, int] = {}
+    for path, (shape, _) in param_specs(model).items():
+        counts[path[0]] = counts.get(path[0], 0) + int(np.prod(shape, dtype=np.int64))
+    return counts
+
+
 def load_pytorch(
     model: nnx.Module,
     source: TensorSource,
@@ -31,18 +39,23 @@ def load_pytorch(
     """Returns `model` with its parameters read from `source` through `table`.
 
     `model` may be abstract (`nnx.eval_shape(lambda: Model(..., rngs=nnx.Rngs(0)))`): nothing is then
-    allocated but the imported arrays, one tensor at a time. Models keep no state but parameters
-    (dropout keys are passed at call time). With `only`, just the parameters of those top-level
-    submodules are read (a component checkpoint); the others keep their values.
+    allocated but the imported arrays, one tensor at a time, each placed on the default device as it is
+    read (peak host memory: the parameters once, plus a tensor or two in flight). Models keep no state
+    but parameters (dropout keys are passed at call time). With `only`, just the parameters of those
+    top-level submodules are read (a component checkpoint); the others keep their values.
     """
-    arrays, report = import_tensors(param_specs(model, only), source, table, progress=progress)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError(f"{type(model).__name__} holds non-parameter state; it cannot be imported: {rest}")
     flat = nnx.to_flat_state(params)
-    for path, var in flat:
-        if tuple(path) in arrays:
-            var.set_value(jax.numpy.asarray(arrays.pop(tuple(path))))
+    variables = {tuple(path): var for path, var in flat}
+
+    def place(path: Path, value: np.ndarray) -> None:
+        # One copy into a device buffer per tensor, the host array dropped at once: the host holds the
+        # model once plus a tensor or two, never a second copy of the whole model.
+        variables[path].set_value(jax.device_put(value))
+
+    _, report = import_tensors(param_specs(model, only), source, table, progress=progress, sink=place)
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest), report
 
 

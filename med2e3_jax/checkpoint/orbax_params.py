@@ -21,13 +21,20 @@ PARAMS_ITEM = "params"
 
 
 def save_params(model: Med2E3, directory: str | os.PathLike) -> None:
-    """Writes `directory/params` (Orbax) and `directory/model_config.json`."""
+    """Writes `directory/params` (Orbax) and `directory/model_config.json`.
+
+    One Zarr array per parameter rather than Orbax's default OCDBT store, whose writer holds about
+    0.75x the parameters' bytes on top of them while it saves (measured with orbax-checkpoint 0.12.8);
+    this way a save adds ~0.1x, so that converting a 8.7 GB model fits in 1.3x its size. Restoring
+    detects either format.
+    """
     directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with ocp.StandardCheckpointer(use_ocdbt=False) as checkpointer:
         checkpointer.save(os.path.join(directory, PARAMS_ITEM), nnx.state(model, nnx.Param), force=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
-        f.write(model.cfg.to_json(indent=1))
+    if jax.process_index() == 0:
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(model.cfg.to_json(indent=1))
 
 
 def load_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:

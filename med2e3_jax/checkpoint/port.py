@@ -215,6 +215,7 @@ def import_tensors(
     *,
     progress: bool = False,
     description: str = "importing",
+    sink: Callable[[Path, np.ndarray], None] | None = None,
 ) -> tuple[dict[Path, np.ndarray], ImportReport]:
     """Reads `source` through `table` into arrays for every path in `expected`.
 
@@ -222,10 +223,12 @@ def import_tensors(
       expected: parameter path -> (shape, dtype) of the model being filled (see `expected_params`).
       source: the torch tensors.
       table: the port table, with prefixes matching the source's key namespace.
+      sink: if given, called with (path, array) as each tensor is read, instead of collecting the arrays,
+        so that a caller can place each one and drop it before the next is read (bounded memory).
 
     Returns:
-      (path -> numpy array in the expected dtype, report). Raises CheckpointMismatchError naming every
-      unexpected, missing and mis-shaped tensor.
+      (path -> numpy array in the expected dtype, or {} with `sink`; report). Raises
+      CheckpointMismatchError naming every unexpected, missing and mis-shaped tensor, before reading any.
     """
     by_name = {path_str(p): p for p in expected}
     plan: list[tuple[str, Path, Transform]] = []
@@ -276,9 +279,13 @@ def import_tensors(
     for key, path, transform in tqdm(plan, desc=description, disable=not progress, unit="tensor"):
         dtype = expected[path][1]
         value = np.ascontiguousarray(transform.to_jax(source.read(key)), dtype=dtype)
-        arrays[path] = value
         num_parameters += value.size
         num_bytes += value.nbytes
+        if sink is None:
+            arrays[path] = value
+        else:
+            sink(path, value)
+        del value
     if unused:
         log.debug("deliberately unused tensors: %s", ", ".join(unused))
     report = ImportReport({key: path_str(path) for key, path, _ in plan}, unused, num_parameters, num_bytes)

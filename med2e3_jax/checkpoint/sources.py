@@ -2,15 +2,21 @@
 
 Every reader is a `TensorSource` (see `port.py`): keys, shapes and dtypes come from headers (safetensors)
 or from a memory-mapped pickle (`pytorch_model.bin`), and `read` materialises one tensor, so host memory
-stays near the size of the model being filled rather than the checkpoint. `open_checkpoint` recognises the
-layouts of DESIGN.md §2 and presents each as one source in the module-path key namespace.
+stays near the size of the model being filled rather than the checkpoint. File pages a read touches
+through a memory map count as the process's resident memory for as long as they stay mapped, so each
+reader gives them back once the tensor is copied out (a fresh safetensors mapping per read; `madvise` on
+the `.bin` mapping). `open_checkpoint` recognises the layouts of DESIGN.md §2 and presents each as one
+source in the module-path key namespace.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import os
+import sys
 from collections.abc import Iterable, Sequence
 
 import ml_dtypes
@@ -107,6 +113,38 @@ def numpy_to_torch(array: np.ndarray):
     return torch.from_numpy(array)
 
 
+def _madvise():
+    """libc's `madvise`, where dropping pages of a file mapping (MADV_DONTNEED) does release them."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    function.restype = ctypes.c_int
+    return function
+
+
+_MADVISE = _madvise()
+
+
+def release_mapped_pages(address: int, nbytes: int) -> bool:
+    """Unmaps from the process's resident set the pages of a read-only file mapping that cover
+    [address, address + nbytes); they are read from the file again if touched. Only for memory that
+    maps a file and was never written: on anonymous memory this would discard data.
+
+    Returns whether the pages were released (False where the platform cannot).
+    """
+    if _MADVISE is None or nbytes <= 0:
+        return False
+    start = address - address % mmap.PAGESIZE
+    if _MADVISE(start, address + nbytes - start, mmap.MADV_DONTNEED) != 0:
+        log.debug("madvise(MADV_DONTNEED) failed: %s", os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
 def _lookup(table: dict, key: str, name: str):
     try:
         return table[key]
@@ -119,10 +157,10 @@ class SafetensorsSource(TensorSource):
 
     def __init__(self, path: str | os.PathLike):
         self.name = os.fspath(path)
-        self._file = safe_open(self.name, framework="numpy")
+        header = safe_open(self.name, framework="numpy")
         self._specs = {}
-        for key in self._file.keys():
-            info = self._file.get_slice(key)
+        for key in header.keys():
+            info = header.get_slice(key)
             dtype = info.get_dtype()
             if dtype not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"{self.name}: tensor {key!r} has dtype {dtype}, which numpy cannot hold")
@@ -139,7 +177,9 @@ class SafetensorsSource(TensorSource):
 
     def read(self, key):
         self._spec(key)
-        return self._file.get_tensor(key)
+        # A mapping per read, dropped with it: the pages it touched leave the resident set at once
+        # instead of accumulating to the size of the file.
+        return safe_open(self.name, framework="numpy").get_tensor(key)
 
     def where(self, key):
         return self.name
@@ -154,6 +194,7 @@ class TorchBinSource(TensorSource):
     def __init__(self, path: str | os.PathLike):
         torch = require_torch()
         self.name = os.fspath(path)
+        self._mapped = True
         try:
             state = torch.load(self.name, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError as error:
@@ -162,6 +203,9 @@ class TorchBinSource(TensorSource):
             # Files from torch < 1.6 (legacy, non-zip format) cannot be memory-mapped.
             log.warning("%s is in torch's legacy format; loading it whole: %s", self.name, error)
             state = torch.load(self.name, map_location="cpu", weights_only=True)
+            self._mapped = False
+        # On a big-endian host torch byte-swaps the mapped data in place: those pages must stay.
+        self._mapped &= sys.byteorder == "little"
         if not isinstance(state, dict):
             raise ValueError(f"{self.name} holds a {type(state).__name__}, not a state dict")
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -179,7 +223,13 @@ class TorchBinSource(TensorSource):
         return torch_dtype_to_numpy(self._tensor(key).dtype)
 
     def read(self, key):
-        return torch_to_numpy(self._tensor(key))
+        tensor = self._tensor(key)
+        value = torch_to_numpy(tensor)
+        if self._mapped:
+            # torch maps the whole file once and never writes to it: the storage's pages can go.
+            storage = tensor.untyped_storage()
+            release_mapped_pages(storage.data_ptr(), storage.nbytes())
+        return value
 
     def where(self, key):
         return self.name
