@@ -42,6 +42,7 @@ Nothing here touches JAX: the process index and count are plain ints that the ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -49,6 +50,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import grain
 import numpy as np
+from grain.multiprocessing import SharedMemoryArray
 
 from data_pipelines.annotations import question_text, validate_record
 from data_pipelines.errors import DataError, RecordError, VolumeShapeError
@@ -216,15 +218,27 @@ def visit_order(num_records: int, cfg, *, process_index: int = 0, process_count:
 SHARED_MEMORY_MIN_BYTES = 1 << 20
 
 
-def stack_examples(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def stack_examples(examples: Sequence[Mapping[str, np.ndarray]], *, shared_memory: bool = False) -> dict[str, np.ndarray]:
     """Examples → one batch of numpy arrays, the batch axis first.
 
     `volume` (batch, 1, depth, height, width) float32; `input_ids`, `labels`, `attention_mask`
     (batch, length) int32; `question_ids`, `question_mask` (batch, question_length) int32;
     `record_index` (batch,) int64. (No question arrays when the pipeline has no question tokenizer.)
+
+    shared_memory: stack arrays of at least SHARED_MEMORY_MIN_BYTES straight into Grain shared-memory
+      arrays (in worker processes: the volumes then cross to the main process without another copy).
     """
     keys = [key for key in BATCH_KEYS if key in examples[0]]
-    return {key: np.stack([np.asarray(example[key]) for example in examples]) for key in keys}
+    batch = {}
+    for key in keys:
+        arrays = [np.asarray(example[key]) for example in examples]
+        first = arrays[0]
+        if shared_memory and first.nbytes * len(arrays) >= SHARED_MEMORY_MIN_BYTES:
+            out = SharedMemoryArray((len(arrays), *first.shape), dtype=first.dtype)
+            batch[key] = np.stack(arrays, out=out)
+        else:
+            batch[key] = np.stack(arrays)
+    return batch
 
 
 def _in_batch_order(arrays: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
@@ -249,10 +263,10 @@ class Chunk(NamedTuple):
     skipped: dict[int, Skipped]
 
 
-def make_chunk(elements: Sequence[dict | Skipped]) -> Chunk:
+def make_chunk(elements: Sequence[dict | Skipped], *, shared_memory: bool = False) -> Chunk:
     good = [e for e in elements if not isinstance(e, Skipped)]
     return Chunk(
-        examples=stack_examples(good) if good else None,
+        examples=stack_examples(good, shared_memory=shared_memory) if good else None,
         visits=len(elements),
         skipped={i: e for i, e in enumerate(elements) if isinstance(e, Skipped)},
     )
@@ -290,7 +304,9 @@ class Batches(grain.IterDataset):
 
     def chunks(self, start: int) -> grain.DatasetIterator:
         """`Chunk`s of the visits from `start` on, in order."""
-        chunks = self.visits[start:].map(self.load).batch(self.batch_size, batch_fn=make_chunk)
+        # With worker processes this runs in the workers, which then stack volumes into shared memory.
+        batch_fn = functools.partial(make_chunk, shared_memory=self.worker_count > 0)
+        chunks = self.visits[start:].map(self.load).batch(self.batch_size, batch_fn=batch_fn)
         chunks = chunks.to_iter_dataset(self.read_options)
         if self.worker_count > 0:
             _mark_absl_flags_parsed()
