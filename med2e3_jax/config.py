@@ -14,6 +14,8 @@ IMAGE3D_TOKEN_ID = -201  # the `<image3d>` placeholder in the authors' input_ids
 SLICE_WEIGHTINGS = ("tgis", "mean", "max", "uniform")
 VISION_TOKENS = ("3d+2d", "3d", "2d")
 REMAT_POLICIES = ("none", "full", "dots")  # see models/remat.py
+# `cudnn` runs cuDNN's fused attention where it accepts the call and XLA's otherwise (models/attention.py).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 # microsoft/Phi-3-mini-128k-instruct (June 2024 update) LongRoPE factors; with the 768-token prompts
 # of Med-2E3 only `short_factor` is ever used (padded length <= 4096).
@@ -125,6 +127,8 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"tgis.slice_weighting must be one of {SLICE_WEIGHTINGS}, got {t.slice_weighting!r}")
     if cfg.get("remat_policy", "none") not in REMAT_POLICIES:
         raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
+    if cfg.get("attention_impl", "xla") not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {cfg.attention_impl!r}")
     if t.vision_tokens not in VISION_TOKENS:
         raise ValueError(f"tgis.vision_tokens must be one of {VISION_TOKENS}, got {t.vision_tokens!r}")
     groups = pooled_grid(cfg)[0]

@@ -125,11 +125,14 @@ def test_mesh_sizes_resolve_minus_one_and_name_what_does_not_fit():
 
 def test_every_parameter_of_the_model_is_named_by_the_table():
     """A parameter the table misses would silently stay replicated under FSDP: every matrix of the
-    model (ndim >= 2) must carry an `embed` axis."""
+    model (ndim >= 2) must carry an axis FSDP splits (`embed`, or `vocab` for embedding rows), except
+    the position / patch embeddings and the CLS token, replicated on purpose (PARAM_LOGICAL_AXES)."""
+    fsdp_axes = {name for name, mesh_axes in sharding.LOGICAL_RULES.items() if "fsdp" in mesh_axes}
+    replicated_on_purpose = ("position_embedding", "token_type_embeddings", "patch_embedding", "cls_token")
     config = small_config()
     abstract = nnx.eval_shape(lambda: Med2E3(config.model, rngs=nnx.Rngs(0)))
     for path, value in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         name = ".".join(map(str, path))
         axes = sharding.param_logical_axes(name, len(value.shape))
-        if len(value.shape) >= 2:
-            assert "embed" in axes, f"{name} {value.shape} has no embed axis in PARAM_LOGICAL_AXES"
+        if len(value.shape) >= 2 and not any(part in name for part in replicated_on_purpose):
+            assert fsdp_axes & set(axes), f"{name} {value.shape} has no axis FSDP splits in PARAM_LOGICAL_AXES"

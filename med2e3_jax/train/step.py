@@ -63,11 +63,20 @@ def train_step(model, optimizer, batch, dropout_key, *, micro_batches: int = 1) 
 
 
 def lower_train_step(model, optimizer, batch, dropout_key, *, micro_batches: int = 1):
-    """`jax.stages.Lowered` of the step (e.g. `.compile().cost_analysis()` for its FLOPs)."""
+    """`jax.stages.Lowered` of the step (e.g. `.compile().cost_analysis()` for its FLOPs).
+
+    The model, optimizer and batch may be abstract (`jax.ShapeDtypeStruct`s, with shardings): the step
+    is then lowered for batches whose rows fit the LM-head slots (`head_slots`), as real batches do.
+    """
     inputs = _model_inputs(batch, micro_batches)
     graphdef, state = nnx.split((model, optimizer))
+    labels = inputs["labels"]
+    if isinstance(labels, jax.ShapeDtypeStruct):
+        slots = target_slots(labels.shape[1]) if target_slots(labels.shape[1]) < labels.shape[1] - 1 else None
+    else:
+        slots = head_slots(labels)
     return _train_step.lower(_GraphKey(graphdef), state, inputs, dropout_key, micro_batches=micro_batches,
-                             mesh=_mesh_of(inputs), slots=head_slots(inputs["labels"]))
+                             mesh=_mesh_of(inputs), slots=slots)
 
 
 class _GraphKey:

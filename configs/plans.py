@@ -1,0 +1,65 @@
+"""Sharding plans: the released Med-2E3-M3D trained at the authors' batch sizes on three machines.
+
+    --config configs/plans.py:finetune_8xh100     (also pretrain_8xh100, *_8xh200, *_v5p32)
+
+Each plan is `configs/med2e3_m3d.py` (pretrain: global batch 64; finetune: 128) with the mesh, the
+gradient-accumulation micro-batches, the remat policy and the attention implementation chosen for the
+machine, and a `hardware` section that says what the plan was sized for. `scripts/memory_plan.py`
+compiles the real training step of a plan on a fake mesh of that many devices and prints its memory
+per device; the figures are in the README.
+
+The machines (vendor figures, decimal GB):
+  - 8xh100: 8 NVIDIA H100 SXM, 80 GB HBM3 each;
+  - 8xh200: 8 NVIDIA H200 SXM, 141 GB HBM3e each;
+  - v5p32:  a TPU v5p-32 slice. Google counts v5p slices in TensorCores, two per chip: v5p-32 is 16
+    chips (topology 2x2x4) with 95 GB HBM2e each, and JAX sees 16 devices (one per chip, megacore).
+
+All plans use FSDP over every device (`mesh.fsdp` = device count): parameters, gradients and AdamW
+state are split 8 or 16 ways, so that the float32 master weights and moments of the 4.15B finetuned
+parameters (about 50 GB) take about 6 GB per GPU. The batch is split over the same axis. Compute is
+bfloat16 (`model.dtype`) over float32 weights. In finetune the LLM and SigLIP layers keep only their
+inputs for the backward pass (`remat_policy='full'`), because SigLIP trains on every one of the 32
+slices of a volume (8192 tokens per sample). Pretrain trains the connectors only: SigLIP runs forward,
+and the backward pass goes through the LLM alone, whose activations fit without remat (which in
+pretrain also trips `nnx.remat` on the frozen SigLIP layers: a TraceContextError, see the README).
+GPU plans ask for cuDNN attention (`cudnn`), which falls back to XLA's where cuDNN declines a shape.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import med2e3_m3d
+
+HARDWARE = {
+    "8xh100": dict(devices=8, platform="gpu", device_kind="NVIDIA H100 80GB HBM3", memory_bytes=80e9,
+                   attention_impl="cudnn"),
+    "8xh200": dict(devices=8, platform="gpu", device_kind="NVIDIA H200", memory_bytes=141e9, attention_impl="cudnn"),
+    # 16 chips: v5p-32 counts TensorCores. TPUs have no cuDNN: XLA's attention.
+    "v5p32": dict(devices=16, platform="tpu", device_kind="TPU v5", memory_bytes=95e9, attention_impl="xla",
+                  topology="v5p:2x2x4"),
+}
+
+# plan -> (stage, hardware, mesh (data, fsdp, tensor), micro_batches, remat_policy). The global batch is
+# the stage's (64 / 128); micro-batch rows per device = global / micro_batches / (data * fsdp).
+PLANS = {
+    "pretrain_8xh100": ("pretrain", "8xh100", (1, 8, 1), 2, "none"),
+    "pretrain_8xh200": ("pretrain", "8xh200", (1, 8, 1), 1, "none"),
+    "pretrain_v5p32": ("pretrain", "v5p32", (1, 16, 1), 1, "none"),
+    "finetune_8xh100": ("finetune", "8xh100", (1, 8, 1), 8, "full"),
+    "finetune_8xh200": ("finetune", "8xh200", (1, 8, 1), 4, "full"),
+    "finetune_v5p32": ("finetune", "v5p32", (1, 16, 1), 4, "full"),
+}
+
+
+def get_config(plan: str = "finetune_8xh100") -> ml_collections.ConfigDict:
+    if plan not in PLANS:
+        raise ValueError(f"unknown plan {plan!r}; configs/plans.py has {sorted(PLANS)}")
+    stage, hardware, (data, fsdp, tensor), micro_batches, remat = PLANS[plan]
+    machine = HARDWARE[hardware]
+    config = med2e3_m3d.get_config(stage)
+    config.model.update(remat_policy=remat, attention_impl=machine["attention_impl"])
+    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+    config.train.micro_batches = micro_batches
+    config.hardware = ml_collections.ConfigDict(dict(plan=plan, name=hardware, **machine))
+    return config

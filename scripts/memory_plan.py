@@ -1,0 +1,233 @@
+"""Memory per device of a training config's step on a mesh of N devices, without the devices.
+
+    python scripts/memory_plan.py --config configs/plans.py:finetune_8xh100
+    python scripts/memory_plan.py --all                       # every plan of configs/plans.py, one table
+    python scripts/memory_plan.py --config configs/tiny.py:finetune --devices 2 --config.mesh.data=1 \\
+        --config.mesh.fsdp=2
+
+It lowers and compiles the trainer's own step (`train.step`, the function `scripts/train.py` jits) for
+the config on a fake mesh of N CPU devices (`--xla_force_host_platform_device_count`; the script
+re-executes itself with that flag), from abstract inputs: the model and optimizer from
+`nnx.eval_shape`, every array a `jax.ShapeDtypeStruct` with the trainer's sharding. Nothing of the
+model is allocated. It prints XLA's per-device memory analysis of the compiled step next to the
+estimate of `med2e3_jax/memory.py`, against the device memory of the plan's `hardware` section.
+
+What the XLA figures are: those of XLA's CPU compiler (`compiled.memory_analysis()`: arguments,
+outputs, temporaries, generated code), which partitions the step exactly as the GPU/TPU compiler would
+but fuses and schedules differently. The step is traced as on the plan's platform (the micro-batch loop
+stays a loop, as on accelerators; `train/step.py` unrolls it on CPU only), and the CPU compiler's
+memory-minimising scheduler is used. What XLA:CPU was seen to do, from its buffer assignments, that
+makes these figures an upper bound of what the step needs:
+  - with micro-batches (a loop), it hoists the FSDP all-gathers of the weights out of the loop: every
+    weight of the model is held whole, in float32 and also transposed for the backward pass (about
+    30 GB for the released model), where per-layer gathers would hold one layer's;
+  - it materialises the elementwise intermediates of bf16 code in float32 (the GPU/TPU compilers
+    fuse them);
+  - it schedules the recomputation of rematerialised layers early, so that under
+    `remat_policy='full'` several layers' activations are alive at once.
+The analytic estimate counts what the step needs (no hoisted weights, one layer recomputed at a time);
+the truth on an accelerator lies between the two.
+
+The last line is `RESULT plans=<n> fit=<n fitting with >= 10% headroom>` (or, for one config without a
+device memory, `RESULT total_gb=<XLA total>`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from unittest import mock
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+config_flags.DEFINE_config_file("config", None, "experiment config, e.g. configs/plans.py:finetune_8xh100",
+                                lock_config=False)
+flags.DEFINE_bool("all", False, "every plan of configs/plans.py, each in its own process; one Markdown table")
+flags.DEFINE_integer("devices", 0, "fake devices (default: config.hardware.devices, else the mesh's product)")
+flags.DEFINE_string("json_out", "", "also write the figures to this JSON file")
+FLAGS = flags.FLAGS
+
+HEADROOM = 0.10  # a plan fits when the step leaves at least this fraction of the device memory free
+GB = 1e9
+_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+_CPU_NOTE = ("XLA figures: per device, from XLA's CPU compiler (compiled.memory_analysis(): arguments, "
+             "outputs, temporaries, generated code) for the fake mesh; they approximate, and here "
+             "overestimate, what the GPU/TPU compiler allocates (see the script's docstring)")
+
+
+def _device_count(config) -> int:
+    if FLAGS.devices:
+        return FLAGS.devices
+    if "hardware" in config:
+        return int(config.hardware.devices)
+    sizes = [int(config.mesh[a]) for a in ("data", "fsdp", "tensor")]
+    if -1 in sizes:
+        raise app.UsageError(f"mesh {dict(config.mesh)} has a -1 axis: pass --devices")
+    return math.prod(sizes)
+
+
+def _reexec_with_devices(count: int) -> None:
+    """Runs this script again with `count` fake CPU devices (XLA reads the flag once, at backend start)."""
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    wanted = f"{_DEVICE_FLAG}={count}"
+    if wanted in xla_flags.split() and _SCHEDULER_FLAG in xla_flags.split():
+        return
+    kept = [f for f in xla_flags.split() if not f.startswith(_DEVICE_FLAG) and f != _SCHEDULER_FLAG]
+    env = dict(os.environ, XLA_FLAGS=" ".join(kept + [wanted, _SCHEDULER_FLAG]), JAX_PLATFORMS="cpu")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def plan_memory(config, devices: int) -> dict:
+    """Compiles the config's step on `devices` fake devices: XLA's and the analytic figures, in bytes."""
+    import jax
+
+    from med2e3_jax import memory, sharding
+
+    if jax.device_count() != devices:
+        raise RuntimeError(f"{devices} devices wanted, jax has {jax.device_count()} (XLA_FLAGS set too late?)")
+    mesh = sharding.make_mesh(config.mesh)
+    platform = config.hardware.platform if "hardware" in config else jax.default_backend()
+    # train/step.py unrolls the micro-batch loop where jax.default_backend() is 'cpu' (faster there);
+    # the plan is for `platform`, whose trainer keeps the loop, so trace it as that platform would.
+    traced_as = mock.patch.object(jax, "default_backend", lambda: platform) if platform != "cpu" else \
+        contextlib.nullcontext()
+    start = time.perf_counter()
+    with traced_as:
+        lowered = memory.lower_abstract_train_step(config, mesh)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    estimate = memory.estimate(config, mesh_shape=dict(mesh.shape))
+    train = config.train
+    return dict(
+        config=config.hardware.plan if "hardware" in config else "",
+        stage=train.stage,
+        devices=devices,
+        device_kind=config.hardware.device_kind if "hardware" in config else "",
+        device_memory=float(config.hardware.memory_bytes) if "hardware" in config else None,
+        mesh=dict(mesh.shape),
+        global_batch=train.global_batch_size,
+        micro_batches=train.micro_batches,
+        rows_per_device=estimate.micro_batch_per_device,
+        remat_policy=config.model.remat_policy,
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        attention_impl=config.model.attention_impl,
+        compile_seconds=seconds,
+        xla=memory.xla_memory(compiled),
+        analytic=dict(parameters=estimate.parameters, gradients=estimate.gradients, optimizer=estimate.optimizer,
+                      activations=estimate.activations, total=estimate.total, **{
+                          f"activations.{k}": v for k, v in estimate.activation_parts.items()}),
+        total_parameters=estimate.total_parameters,
+        trainable_parameters=estimate.trainable_parameters,
+    )
+
+
+def _headroom(used: float, capacity: float | None) -> float | None:
+    return None if not capacity else 1.0 - used / capacity
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def print_plan(r: dict) -> None:
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    name = r["config"] or "config"
+    memory = f"{r['device_memory'] / GB:.0f} GB" if r["device_memory"] else "unknown memory"
+    print(f"{name}: {r['devices']} x {r['device_kind'] or 'device'} ({memory}); mesh {mesh}; stage {r['stage']}, "
+          f"global batch {r['global_batch']} = {r['micro_batches']} micro-batches, {r['rows_per_device']:g} rows "
+          f"per device each; remat {r['remat_policy']}; compute {r['dtype']}, parameters {r['param_dtype']}; "
+          f"attention {r['attention_impl']} (XLA's on this CPU); parameters {r['total_parameters'] / 1e9:.3f}B, "
+          f"trainable {r['trainable_parameters'] / 1e9:.3f}B; compiled in {r['compile_seconds']:.0f} s")
+    xla, analytic = r["xla"], r["analytic"]
+    print(f"  {'GB per device':<26}{'XLA:CPU':>10}   {'analytic':<32}{'':>8}")
+    left = [("arguments", xla["arguments"]), ("outputs", xla["outputs"]), ("- aliased (donated)", xla["aliased"]),
+            ("temporaries", xla["temporaries"]), ("generated code", xla["generated_code"])]
+    right = [(k, v) for k, v in analytic.items() if k != "total"]
+    for i in range(max(len(left), len(right))):
+        a = f"  {left[i][0]:<26}{left[i][1] / GB:>10.2f}" if i < len(left) else " " * 38
+        b = f"   {right[i][0]:<32}{right[i][1] / GB:>8.2f}" if i < len(right) else ""
+        print(a + b)
+    print(f"  {'total':<26}{xla['total'] / GB:>10.2f}   {'total':<32}{analytic['total'] / GB:>8.2f}")
+    print(f"  headroom of {memory}: XLA:CPU {_pct(_headroom(xla['total'], r['device_memory']))}, "
+          f"analytic {_pct(_headroom(analytic['total'], r['device_memory']))}")
+
+
+def markdown_table(results: list[dict]) -> str:
+    head = ("| plan | devices | mesh (data, fsdp, tensor) | micro-batches x rows/device | remat | XLA:CPU args / "
+            "temp / total GB | analytic params / grads / opt / act = total GB | device GB | headroom XLA:CPU | "
+            "headroom analytic |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        x, a = r["xla"], r["analytic"]
+        mesh = ", ".join(str(v) for v in r["mesh"].values())
+        rows.append(
+            f"| `{r['config']}` | {r['devices']} x {r['device_kind']} | ({mesh}) | {r['micro_batches']} x "
+            f"{r['rows_per_device']:g} | {r['remat_policy']} | {x['arguments'] / GB:.1f} / {x['temporaries'] / GB:.1f}"
+            f" / **{x['total'] / GB:.1f}** | {a['parameters'] / GB:.1f} / {a['gradients'] / GB:.1f} / "
+            f"{a['optimizer'] / GB:.1f} / {a['activations'] / GB:.1f} = **{a['total'] / GB:.1f}** | "
+            f"{r['device_memory'] / GB:.0f} | {_pct(_headroom(x['total'], r['device_memory']))} | "
+            f"{_pct(_headroom(a['total'], r['device_memory']))} |")
+    return "\n".join(rows)
+
+
+def _fits(r: dict) -> bool:
+    return bool(r["device_memory"]) and r["xla"]["total"] <= (1 - HEADROOM) * r["device_memory"]
+
+
+def run_all() -> None:
+    from configs import plans
+
+    results = []
+    script, plans_file = os.path.abspath(__file__), os.path.abspath(plans.__file__)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in plans.PLANS:
+            out = os.path.join(tmp, f"{name}.json")
+            print(f"compiling {name} ...", flush=True)
+            subprocess.run([sys.executable, script, f"--config={plans_file}:{name}", f"--json_out={out}"], check=True)
+            with open(out, encoding="utf-8") as f:
+                results.append(json.load(f))
+    print()
+    print(_CPU_NOTE + ".")
+    print(markdown_table(results))
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+    print(f"RESULT plans={len(results)} fit={sum(_fits(r) for r in results)}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.all:
+        run_all()
+        return
+    if FLAGS.config is None:
+        raise app.UsageError("pass --config (e.g. configs/plans.py:finetune_8xh100) or --all")
+    config = FLAGS.config
+    devices = _device_count(config)
+    _reexec_with_devices(devices)
+    result = plan_memory(config, devices)
+    print(_CPU_NOTE + ".")
+    print_plan(result)
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    if result["device_memory"]:
+        print(f"RESULT plans=1 fit={int(_fits(result))}")
+    else:
+        print(f"RESULT total_gb={result['xla']['total'] / GB:.3f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

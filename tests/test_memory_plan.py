@@ -1,0 +1,117 @@
+"""The memory plan: the trainer's step compiled from abstract inputs on a fake mesh, and the analytic
+estimate beside it (med2e3_jax/memory.py, scripts/memory_plan.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(__file__))
+from batches_for_tests import small_config  # noqa: E402
+
+from configs import med2e3_m3d, plans, tiny  # noqa: E402
+from med2e3_jax import memory, sharding  # noqa: E402
+from med2e3_jax.models.med2e3 import Med2E3  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+needs_8_devices = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"
+)
+
+
+def _counted(model_cfg) -> dict[str, int]:
+    """Parameters per top-level submodule of the model itself (abstract: nothing allocated)."""
+    model = nnx.eval_shape(lambda: Med2E3(model_cfg, rngs=nnx.Rngs(0)))
+    counts: dict[str, int] = {}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        counts[str(path[0])] = counts.get(str(path[0]), 0) + int(np.prod(value.shape))
+    return counts
+
+
+@pytest.mark.parametrize("ablation", [{}, {"vision_tokens": "3d"}, {"slice_weighting": "mean"}])
+def test_analytic_parameter_counts_equal_the_models(ablation):
+    model_cfg = tiny.tiny_model()
+    model_cfg.tgis.update(ablation)
+    model_cfg.llm.update(qkv_bias=True, fused_qkv=False, fused_gate_up=False)  # the Qwen2-style layout too
+    assert memory.param_counts(model_cfg) == _counted(model_cfg)
+
+
+def test_analytic_parameter_counts_of_the_released_model_match_the_published_models():
+    counts = memory.param_counts(med2e3_m3d.get_config().model)
+    assert counts["llm"] == 3_821_079_552  # Phi-3-mini-128k-instruct
+    assert counts["question_encoder"] == 109_482_240  # bert-base-uncased
+    assert round(counts["vision2d"] / 1e6) == 303  # siglip-large-patch16-256 vision tower without its head
+    assert round(counts["vision3d"] / 1e5) == 874  # M3D-CLIP ViT-B
+
+
+def test_estimate_splits_state_over_the_mesh_and_remat_keeps_less():
+    config = plans.get_config("finetune_8xh100")
+    one = memory.estimate(config, mesh_shape=dict(data=1, fsdp=1, tensor=1))
+    eight = memory.estimate(config, mesh_shape=dict(data=1, fsdp=8, tensor=1))
+    assert eight.parameters * 8 == pytest.approx(one.parameters, rel=1e-6)
+    # float32 gradients and two float32 Adam moments of the 4.15B trained parameters.
+    assert one.gradients == pytest.approx(4 * one.trainable_parameters, rel=1e-6)
+    assert one.optimizer == 2 * one.gradients
+    kept = {}
+    for policy in ("none", "dots", "full"):
+        config.model.remat_policy = policy
+        kept[policy] = memory.estimate(config).activation_parts["vision2d"]
+    assert kept["full"] < kept["dots"] < kept["none"]
+
+
+def test_every_plan_is_sized_for_its_machine():
+    for name, (stage, hardware, mesh, micro_batches, _) in plans.PLANS.items():
+        config = plans.get_config(name)
+        assert config.hardware.devices == np.prod(mesh), name
+        assert config.train.global_batch_size == {"pretrain": 64, "finetune": 128}[stage], name
+        rows = config.train.global_batch_size / micro_batches / (mesh[0] * mesh[1])
+        assert rows == int(rows) >= 1, f"{name}: {rows} rows per device"
+    assert plans.get_config("finetune_v5p32").hardware.devices == 16  # v5p-32 counts TensorCores
+    with pytest.raises(ValueError, match="finetune_8xh100"):
+        plans.get_config("finetune_8xa100")
+
+
+@needs_8_devices
+def test_fsdp_keeps_each_device_on_its_share_of_the_batch():
+    """Under FSDP the step's temporaries shrink with the per-device batch: XLA gathers the weights
+    rather than running layers on the whole batch (sharding.constrain, the table's embeddings)."""
+    figures = {}
+    for fsdp in (1, 4):
+        config = small_config("finetune")
+        config.train.global_batch_size = 16
+        config.mesh.update(data=1, fsdp=fsdp, tensor=1)
+        mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:fsdp])
+        figures[fsdp] = memory.xla_memory(memory.lower_abstract_train_step(config, mesh).compile())
+    assert figures[4]["temporaries"] < 0.5 * figures[1]["temporaries"], figures
+    assert figures[4]["arguments"] < 0.5 * figures[1]["arguments"], figures
+
+
+def test_memory_plan_script_compiles_the_step_on_a_fake_mesh(tmp_path):
+    out = tmp_path / "plan.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets its own device count
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "memory_plan.py"),
+         f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}:finetune", "--devices=2", "--config.mesh.data=1",
+         "--config.mesh.fsdp=2", "--config.train.micro_batches=2", f"--json_out={out}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "XLA's CPU compiler" in run.stdout and "XLA:CPU" in run.stdout
+    assert run.stdout.strip().splitlines()[-1].startswith("RESULT total_gb=")
+    result = json.loads(out.read_text())
+    assert result["devices"] == 2 and result["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+    for key in ("arguments", "outputs", "temporaries", "total"):
+        assert result["xla"][key] > 0, key
+    # The counts the estimate starts from equal the model's own.
+    counted = _counted(tiny.get_config().model)
+    assert result["total_parameters"] == sum(counted.values())
+    trainable = tiny.get_config().train.trainable
+    assert result["trainable_parameters"] == sum(v for k, v in counted.items() if k in trainable)
+    # Each device holds about half of the float32 parameters and Adam state (FSDP over 2 devices).
+    state_bytes = 4 * (result["total_parameters"] + 2 * result["trainable_parameters"])
+    assert 0.4 * state_bytes < result["xla"]["arguments"] < 0.75 * state_bytes
