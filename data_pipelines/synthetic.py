@@ -34,6 +34,7 @@ Output (image_root = `out`):
     npy/phantom_00000.npy  nifti/phantom_00000.nii.gz  ground_truth.json
     annotations/<format>/{train,val,test}.json                       every task (for training)
     annotations/<format>/{report,vqa_closed,vqa_open}_{split}.json   one task (for evaluation)
+    annotations/<format>/vqa_{split}.json                            closed and open VQA
 
 CLI:  python -m data_pipelines.synthetic --out DIR --num N --seed S [--shape 32 64 64] [--format both]
 """
@@ -608,6 +609,7 @@ def generate(
                 _write_json(folder / f"{task}_{split}.json", records[fmt][task, split])
                 every += records[fmt][task, split]
             _write_json(folder / f"{split}.json", every)
+            _write_json(folder / f"vqa_{split}.json", records[fmt]["vqa_closed", split] + records[fmt]["vqa_open", split])
 
     truth = dict(
         seed=seed,

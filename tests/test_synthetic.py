@@ -183,6 +183,8 @@ def test_splits_partition_the_volumes(phantoms):
     for split in synthetic.SPLITS:
         records = json.loads((phantoms / f"annotations/npy/{split}.json").read_text())
         assert {r["id"][: len("phantom_00000")] for r in records} == by_split[split]
+        vqa = json.loads((phantoms / f"annotations/npy/vqa_{split}.json").read_text())
+        assert sorted(r["id"] for r in vqa) == sorted(r["id"] for r in records if r["question_type"] != 0)
 
 
 def test_closed_answers_are_balanced_over_letters(tmp_path):

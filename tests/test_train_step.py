@@ -212,3 +212,16 @@ def test_unknown_remat_policy_names_the_config_key():
     config.model.remat_policy = "some"
     with pytest.raises(ValueError, match="remat_policy"):
         Med2E3(config.model, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_both_stages_train_under_remat_as_without_it(stage):
+    # Pretrain freezes SigLIP, whose rematerialised layers then hold variables of an outer trace.
+    updated = {}
+    for policy in ("none", "full"):
+        config, model, optimizer = _setup(stage, model_updates={"remat_policy": policy})
+        metrics = train_step(model, optimizer, random_batch(config, 8), jax.random.key(0))
+        updated[policy] = (float(metrics["loss"]), _params(model))
+    assert updated["full"][0] == pytest.approx(updated["none"][0], rel=1e-6)
+    for path, value in updated["none"][1].items():
+        np.testing.assert_allclose(updated["full"][1][path], value, rtol=1e-5, atol=1e-6, err_msg=str(path))

@@ -21,9 +21,21 @@ _JAX_POLICIES = {
 
 
 def remat_layer(call, policy: str):
-    """`call(layer, *args)` under `policy` (`call` itself for 'none')."""
+    """`call(layer, *args)` under `policy` (`call` itself for 'none').
+
+    The layer goes through `jax.checkpoint` as a pure function of its state: `nnx.remat` refuses layers
+    whose variables belong to an outer trace (a frozen tower inside the training step's `grad`, as in
+    the pretrain stage). `call` must not mutate the layer (the training forward does not).
+    """
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
     if policy == "none":
         return call
-    return nnx.remat(call, policy=_JAX_POLICIES[policy])
+
+    def rematted(layer, *args):
+        graphdef, state = nnx.split(layer)
+        pure = jax.checkpoint(lambda state, *args: call(nnx.merge(graphdef, state), *args),
+                              policy=_JAX_POLICIES[policy])
+        return pure(state, *args)
+
+    return rematted
