@@ -33,13 +33,10 @@ def test_tiny_rejects_unknown_options():
 
 
 def test_tiny_minilm_sizes_equal_the_fetched_checkpoint_config():
-    from data_pipelines.assets import AssetError, asset_path
+    from assets_for_tests import fetched
     from med2e3_jax.checkpoint.med2e3_port import question_encoder_config
 
-    try:
-        fetched = question_encoder_config(asset_path("minilm"))
-    except AssetError as error:
-        pytest.skip(str(error))
+    minilm = question_encoder_config(fetched("minilm"))
     ours = tiny.get_config("pretrain,minilm").model.question_encoder
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
-        assert ours[key] == fetched[key], key
+        assert ours[key] == minilm[key], key

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from assets_for_tests import fetched  # noqa: E402
 from configs import tiny  # noqa: E402
-from data_pipelines.assets import AssetError, asset_path  # noqa: E402
 from data_pipelines.templates import encode_conversation, encode_question, load_tokenizer  # noqa: E402
 from med2e3_jax import config as config_lib  # noqa: E402
 from med2e3_jax.checkpoint.importer import params_numpy  # noqa: E402
@@ -35,10 +35,7 @@ QUESTION_LENGTH = 40
 
 @pytest.fixture(scope="module")
 def minilm():
-    try:
-        return asset_path("minilm")
-    except AssetError as error:
-        pytest.skip(f"MiniLM not fetched: {error}")
+    return fetched("minilm")
 
 
 def minilm_model_config(path):
@@ -98,10 +95,7 @@ def test_minilm_hidden_states_and_pooler_match_transformers(minilm, imported, qu
 def test_tiny_med2e3_with_minilm_runs_a_forward_and_its_slice_scores_follow_the_question(imported, questions):
     model, _ = imported
     cfg = model.cfg
-    try:
-        phi3 = load_tokenizer(asset_path("tokenizers/phi3"))
-    except AssetError as error:
-        pytest.skip(f"Phi-3 tokenizer not fetched: {error}")
+    phi3 = load_tokenizer(fetched("tokenizers/phi3"))
     prompts = [
         encode_conversation(
             {"id": f"q{i}", "conversations": [{"from": "human", "value": "<image3d>\n" + q},

@@ -8,18 +8,15 @@ import sys
 
 import pytest
 
-from data_pipelines.assets import AssetError, asset_path
+from assets_for_tests import fetched
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
-    try:
-        for name in ("tokenizers/phi3", "minilm", "totalsegmentator"):
-            asset_path(name)
-    except AssetError as error:
-        pytest.skip(str(error))
+    for name in ("tokenizers/phi3", "minilm", "totalsegmentator"):
+        fetched(name)
     run = tmp_path_factory.mktemp("quickstart") / "run"
     env = dict(os.environ, RUN=str(run), PYTHON=sys.executable, PHANTOMS="20", PRETRAIN_STEPS="2",
                FINETUNE_STEPS="2", EVAL_LIMIT="4")

@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 import pytest
-from tokenizers_for_tests import bert_like, llama_like, phi_like, qwen_like
+from tokenizers_for_tests import bert_like, expected, ids_of, llama_like, phi_like, qwen_like
 
 from data_pipelines.errors import RecordError
 from data_pipelines.templates import (
@@ -42,31 +42,6 @@ RECORD = {
     ],
     "vision3d": ["case.npy"],
 }
-
-
-def ids_of(tokenizer, pieces):
-    """Token ids of hand-written pieces; ints (the vision marker) pass through."""
-    out = []
-    for piece in pieces:
-        out.extend([piece] if isinstance(piece, int) else tokenizer.convert_tokens_to_ids([piece]))
-    assert tokenizer.unk_token_id not in out or "<unk>" in pieces, "a hand-written piece is not in the vocabulary"
-    return out
-
-
-def expected(tokenizer, segments, length):
-    """(ids, labels, mask) from [(pieces, supervised), ...], right-padded to `length`."""
-    ids, labels = [], []
-    for pieces, supervised in segments:
-        piece_ids = ids_of(tokenizer, pieces)
-        ids += piece_ids
-        labels += piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids)
-    n = len(ids)
-    pad = tokenizer.pad_token_id
-    return (
-        np.array(ids + [pad] * (length - n), np.int32),
-        np.array(labels + [IGNORE_INDEX] * (length - n), np.int32),
-        np.array([1] * n + [0] * (length - n), np.int32),
-    )
 
 
 def encode(record, tokenizer, template, *, max_length=200, pad_to=None, **kw):

@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import tiny  # noqa: E402
-from data_pipelines.assets import AssetError, asset_path  # noqa: E402
+from assets_for_tests import fetched  # noqa: E402
+from tokenizers_for_tests import expected  # noqa: E402
 from data_pipelines.templates import encode_conversation, encode_prompt, encode_question, load_tokenizer  # noqa: E402
 from med2e3_jax.config import IGNORE_INDEX, IMAGE3D_TOKEN_ID  # noqa: E402
 
@@ -46,36 +47,12 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def phi3():
-    try:
-        return load_tokenizer(asset_path("tokenizers/phi3"))
-    except AssetError as error:
-        pytest.skip(f"Phi-3 tokenizer not fetched: {error}")
+    return load_tokenizer(fetched("tokenizers/phi3"))
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    try:
-        return asset_path("minilm")
-    except AssetError as error:
-        pytest.skip(f"MiniLM not fetched: {error}")
-
-
-def ids_of(tokenizer, pieces):
-    ids = [p if isinstance(p, int) else tokenizer.convert_tokens_to_ids(p) for p in pieces]
-    assert tokenizer.unk_token_id not in ids, f"a written piece is not in the vocabulary: {pieces}"
-    return ids
-
-
-def expected(tokenizer, segments, length):
-    """(input_ids, labels, attention_mask) from [(pieces, supervised), ...], padded with EOS to `length`."""
-    ids, labels = [], []
-    for pieces, supervised in segments:
-        piece_ids = ids_of(tokenizer, pieces)
-        ids += piece_ids
-        labels += piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids)
-    n = len(ids)
-    return (np.array(ids + [EOS] * (length - n)), np.array(labels + [IGNORE_INDEX] * (length - n)),
-            np.array([1] * n + [0] * (length - n)))
+    return fetched("minilm")
 
 
 def check(out, want):

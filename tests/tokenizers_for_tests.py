@@ -19,6 +19,7 @@ Words outside the vocabulary become the unknown piece; tests keep to `WORDS` (or
 
 from __future__ import annotations
 
+import numpy as np
 from tokenizers import (
     AddedToken,
     Regex,
@@ -30,6 +31,8 @@ from tokenizers import (
     processors,
 )
 from transformers import PreTrainedTokenizerFast
+
+from med2e3_jax.config import IGNORE_INDEX
 
 WORDS = (
     # The authors' system prompt.
@@ -113,4 +116,32 @@ def bert_like(*, extra_words=()) -> PreTrainedTokenizerFast:
     )
     return _wrap(
         tokenizer, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]"
+    )
+
+
+# Expected encodings, written out piece by piece (never by the template code under test).
+
+
+def ids_of(tokenizer, pieces):
+    """Token ids of hand-written pieces; ints (the vision marker) pass through."""
+    out = []
+    for piece in pieces:
+        out.extend([piece] if isinstance(piece, int) else tokenizer.convert_tokens_to_ids([piece]))
+    assert tokenizer.unk_token_id not in out or "<unk>" in pieces, "a hand-written piece is not in the vocabulary"
+    return out
+
+
+def expected(tokenizer, segments, length):
+    """(ids, labels, mask) from [(pieces, supervised), ...], right-padded to `length`."""
+    ids, labels = [], []
+    for pieces, supervised in segments:
+        piece_ids = ids_of(tokenizer, pieces)
+        ids += piece_ids
+        labels += piece_ids if supervised else [IGNORE_INDEX] * len(piece_ids)
+    n = len(ids)
+    pad = tokenizer.pad_token_id
+    return (
+        np.array(ids + [pad] * (length - n), np.int32),
+        np.array(labels + [IGNORE_INDEX] * (length - n), np.int32),
+        np.array([1] * n + [0] * (length - n), np.int32),
     )
