@@ -43,12 +43,15 @@ flags.DEFINE_string("llm", None, "component: HF Phi-3 / Llama / Qwen2 checkpoint
 flags.DEFINE_string("siglip", None, "component: HF SigLIP (SiglipVisionModel or SiglipModel)")
 flags.DEFINE_string("m3d_clip", None, "component: M3D-CLIP (vision_encoder.* and language_encoder.*)")
 flags.DEFINE_string("vit3d", None, "component: M3D's bare ViT (pretrained_ViT.bin)")
+flags.DEFINE_string("question_encoder", None, "component: an HF BERT as the TG-IS question encoder (e.g. MiniLM); "
+                    "the config's model.question_encoder must have its sizes")
 flags.DEFINE_string("orbax", None, "Orbax checkpoint to convert to PyTorch")
 flags.DEFINE_enum("layout", "state_dict", ["state_dict", "release"], "PyTorch layout to write")
 flags.DEFINE_string("out", None, "output: Orbax directory, or PyTorch file / directory")
 flags.DEFINE_integer("seed", 0, "init seed of parameters no component covers")
 flags.mark_flag_as_required("out")
 FLAGS = flags.FLAGS
+COMPONENT_FLAGS = ("llm", "siglip", "m3d_clip", "vit3d", "question_encoder")
 
 
 def _model_config():
@@ -62,7 +65,7 @@ def _model_config():
 
 def to_orbax():
     cfg = _model_config()
-    components = {name: getattr(FLAGS, name) for name in ("llm", "siglip", "m3d_clip", "vit3d") if getattr(FLAGS, name)}
+    components = {name: getattr(FLAGS, name) for name in COMPONENT_FLAGS if getattr(FLAGS, name)}
     model, reports = load_med2e3(cfg, FLAGS.checkpoint, components=components or None, seed=FLAGS.seed, progress=True)
     for report in reports:
         print(report.summary())
@@ -92,7 +95,7 @@ def _size(shape):
 def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
-    sources = [FLAGS.checkpoint, FLAGS.llm, FLAGS.siglip, FLAGS.m3d_clip, FLAGS.vit3d]
+    sources = [FLAGS.checkpoint, *(getattr(FLAGS, name) for name in COMPONENT_FLAGS)]
     if FLAGS.orbax and any(sources):
         sys.exit("--orbax converts to PyTorch; it does not combine with PyTorch inputs")
     if FLAGS.orbax:

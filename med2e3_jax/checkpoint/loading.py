@@ -37,7 +37,7 @@ def load_med2e3(
       cfg: the model config (`med2e3_jax.config.model_config()` shape).
       checkpoint: the authors' `state_dict` file or release-layout directory (every tensor needed).
       components: name -> path, names from `COMPONENTS` other than "full" ("llm", "siglip",
-        "m3d_clip", "vit3d"); parameters not covered keep a random init from `seed`.
+        "m3d_clip", "vit3d", "question_encoder"); parameters not covered keep a random init from `seed`.
     """
     if (checkpoint is None) == (not components):
         raise ValueError("pass exactly one of `checkpoint` (a whole model) or `components`")
