@@ -10,6 +10,7 @@ folders; a second call finds everything in place and does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import types
 import zipfile
 
 log = logging.getLogger(__name__)
@@ -160,10 +162,46 @@ def _convert_tokenizer(root: str, folder: str, gguf: str) -> None:
     target = os.path.join(root, "tokenizers", folder)
     if os.path.exists(os.path.join(target, "tokenizer_config.json")):
         return
-    from transformers import AutoTokenizer  # heavy; only when converting
+    from transformers import PreTrainedTokenizerFast  # heavy; only when converting
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "gguf"), gguf_file=gguf)
+    # Not AutoTokenizer: to pick a class it reads the GGUF's model config, which needs torch.
+    with _gguf_reader_without_torch():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(root, "gguf"), gguf_file=gguf)
     tokenizer.save_pretrained(target + ".partial")
     if os.path.exists(target):
         shutil.rmtree(target)
     os.replace(target + ".partial", target)
+
+
+_GGUF_READER = "transformers.integrations.gguf.reader"
+
+
+def _gguf_metadata(gguf_path: str, string_arrays=()) -> tuple[dict, tuple[str, ...]]:
+    """`transformers.integrations.gguf.reader.read_gguf_metadata`, read with the `gguf` package: every
+    metadata key (arrays as lists) and the tensor names. Equal to transformers' own on the three GGUF
+    tokenizers fetched here; `string_arrays` (which arrays transformers must decode) is moot."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    metadata = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    return metadata, tuple(tensor.name for tensor in reader.tensors)
+
+
+@contextlib.contextmanager
+def _gguf_reader_without_torch():
+    """transformers' GGUF reader imports torch at module level, although reading a tokenizer's metadata
+    never touches it, and torch is only a test dependency here: for the conversion, the one function of
+    it that the tokenizer path calls (`read_gguf_metadata`) is served by `_gguf_metadata`, with or without
+    torch installed, so that every machine converts the same way (the tokenizer.json files are equal to
+    those AutoTokenizer writes with torch)."""
+    previous = sys.modules.get(_GGUF_READER)
+    reader = types.ModuleType(_GGUF_READER)
+    reader.read_gguf_metadata = _gguf_metadata
+    sys.modules[_GGUF_READER] = reader
+    try:
+        yield
+    finally:
+        if previous is None:
+            del sys.modules[_GGUF_READER]
+        else:
+            sys.modules[_GGUF_READER] = previous
