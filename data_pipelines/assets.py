@@ -165,7 +165,7 @@ def _convert_tokenizer(root: str, folder: str, gguf: str) -> None:
     from transformers import PreTrainedTokenizerFast  # heavy; only when converting
 
     # Not AutoTokenizer: to pick a class it reads the GGUF's model config, which needs torch.
-    with _gguf_reader_without_torch():
+    with _gguf_reader_from_gguf_package():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(root, "gguf"), gguf_file=gguf)
     tokenizer.save_pretrained(target + ".partial")
     if os.path.exists(target):
@@ -188,7 +188,7 @@ def _gguf_metadata(gguf_path: str, string_arrays=()) -> tuple[dict, tuple[str, .
 
 
 @contextlib.contextmanager
-def _gguf_reader_without_torch():
+def _gguf_reader_from_gguf_package():
     """transformers' GGUF reader imports torch at module level, although reading a tokenizer's metadata
     never touches it, and torch is only a test dependency here: for the conversion, the one function of
     it that the tokenizer path calls (`read_gguf_metadata`) is served by `_gguf_metadata`, with or without

@@ -11,7 +11,7 @@ the same prompts. Prints, after compilation:
 
   - step time (median of `--steps`), tokens/s (sequence positions of the global batch per second);
   - model FLOPs utilisation: the step's matmul FLOPs counted from the config
-    (`benchmarks/bench_train_step.model_flops`: forward x 3 for trained towers, recomputation not
+    (`med2e3_jax.flops.model_flops`: forward x 3 for trained towers, recomputation not
     counted) / step time / (peak bf16 dense FLOP/s per device x devices), the peak looked up from
     the device kind (H100 and H200 989e12, A100 312e12, TPU v5p 459e12) or `--peak_flops`; n/a on
     other devices;
@@ -89,8 +89,9 @@ def main(argv):
     import numpy as np
     from flax import nnx
 
-    from benchmarks.bench_train_step import make_batch, model_flops
+    from benchmarks.bench_train_step import make_batch
     from med2e3_jax import sharding
+    from med2e3_jax.flops import model_flops
     from med2e3_jax.generate import GenerationConfig, generate
     from med2e3_jax.train import state as state_lib
     from med2e3_jax.train import step as step_lib

@@ -70,13 +70,8 @@ def lower_train_step(model, optimizer, batch, dropout_key, *, micro_batches: int
     """
     inputs = _model_inputs(batch, micro_batches)
     graphdef, state = nnx.split((model, optimizer))
-    labels = inputs["labels"]
-    if isinstance(labels, jax.ShapeDtypeStruct):
-        slots = target_slots(labels.shape[1]) if target_slots(labels.shape[1]) < labels.shape[1] - 1 else None
-    else:
-        slots = head_slots(labels)
     return _train_step.lower(_GraphKey(graphdef), state, inputs, dropout_key, micro_batches=micro_batches,
-                             mesh=_mesh_of(inputs), slots=slots)
+                             mesh=_mesh_of(inputs), slots=head_slots(inputs["labels"]))
 
 
 class _GraphKey:
@@ -127,12 +122,15 @@ def head_slots(labels) -> int | None:
     so that the step needs no `lax.cond`: under XLA:CPU a cond around the head costs more than the head.
 
     Args:
-      labels: (batch, length) numpy or jax array (a global array: this process's shards are read).
+      labels: (batch, length) numpy or jax array (a global array: this process's shards are read), or a
+        `jax.ShapeDtypeStruct` (lowering on abstract inputs: the slots, for rows that fit them).
     """
     length = labels.shape[1]
     slots = target_slots(length)
     if slots >= length - 1:
         return None
+    if isinstance(labels, jax.ShapeDtypeStruct):
+        return slots
     if isinstance(labels, jax.Array):
         rows = [np.asarray(shard.data) for shard in labels.addressable_shards]
     else:
