@@ -87,7 +87,7 @@ def closed_accuracy(summary: dict) -> dict:
     """The evaluation's closed-VQA accuracy (the authors' letter rule) in `_by_type`'s shape."""
     from med2e3_jax.evaluation.tasks import type_name
 
-    per_type = {type_name(int(k)) if k.lstrip("-").isdigit() else k: v for k, v in summary.get("per_type", {}).items()}
+    per_type = {type_name(k): v for k, v in summary.get("per_type", {}).items()}
     return {"per_type": {k: v["accuracy"] for k, v in per_type.items()}, "count": {k: v["count"] for k, v in per_type.items()},
             "overall": summary["overall"]["accuracy"], "total": summary["overall"]["count"]}
 

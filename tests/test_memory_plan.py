@@ -16,6 +16,7 @@ from batches_for_tests import small_config  # noqa: E402
 
 from configs import med2e3_m3d, plans, tiny  # noqa: E402
 from med2e3_jax import memory, sharding  # noqa: E402
+from med2e3_jax.checkpoint.importer import param_counts  # noqa: E402
 from med2e3_jax.models.med2e3 import Med2E3  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -26,11 +27,7 @@ needs_8_devices = pytest.mark.skipif(
 
 def _counted(model_cfg) -> dict[str, int]:
     """Parameters per top-level submodule of the model itself (abstract: nothing allocated)."""
-    model = nnx.eval_shape(lambda: Med2E3(model_cfg, rngs=nnx.Rngs(0)))
-    counts: dict[str, int] = {}
-    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        counts[str(path[0])] = counts.get(str(path[0]), 0) + int(np.prod(value.shape))
-    return counts
+    return param_counts(nnx.eval_shape(lambda: Med2E3(model_cfg, rngs=nnx.Rngs(0))))
 
 
 @pytest.mark.parametrize("ablation", [{}, {"vision_tokens": "3d"}, {"slice_weighting": "mean"}])

@@ -81,7 +81,7 @@ def grounding_summary(predictions: Sequence[Mapping], records: Sequence[Mapping]
             raise ValueError(f"prediction {key!r}: {error}") from None
         overall.append(pair)
         kind = type_of[key]
-        per_type[type_name(int(kind)) if kind is not None else "untyped"].append(pair)
+        per_type[type_name(kind) if kind is not None else "untyped"].append(pair)
     return {
         "overall": _stats(overall) if overall else None,
         "per_type": {name: _stats(pairs) for name, pairs in per_type.items()},

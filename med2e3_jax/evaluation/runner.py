@@ -217,7 +217,7 @@ def markdown_table(summary: Mapping) -> str:
         return f"| {label} | {stats['count'] if count else ''} | " + " | ".join(cells) + " |"
 
     for key, stats in summary.get("per_type", {}).items():
-        label = type_name(int(key)) if key.lstrip("-").isdigit() else key
+        label = type_name(key)
         lines.append(row(label, stats))
     if "per_type" in summary:
         lines.append(row("mean of types", summary["mean_of_types"], count=False))

@@ -72,7 +72,9 @@ def get_task(task: str | Task) -> Task:
 
 
 def type_name(question_type) -> str:
-    """"plane" for M3D-VQA's type 1; the type itself when it has no name."""
+    """"plane" for M3D-VQA's type 1 (also given as "1", a JSON key); the type itself when it has no name."""
+    if isinstance(question_type, str) and question_type.lstrip("-").isdigit():
+        question_type = int(question_type)
     return QUESTION_TYPE_NAMES.get(question_type, str(question_type))
 
 
