@@ -161,7 +161,7 @@ def build_model(config: ml_collections.ConfigDict, mesh) -> Med2E3:
     without one, with the pretrained `train.components` imported over it), then the trainable weights of
     the previous stage (`train.init_from`)."""
     train_cfg = config.train
-    components = {name: path for name, path in train_cfg.get("components", {}).items() if path}
+    components = {name: path for name, path in train_cfg.components.items() if path}
     if components and train_cfg.base_checkpoint:
         raise ValueError(f"config.train.base_checkpoint and config.train.components ({sorted(components)}) are both "
                          "set: the base checkpoint already holds every weight, set one of them")
