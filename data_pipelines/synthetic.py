@@ -25,8 +25,14 @@ question_type 0. Records are the authors' annotation JSON plus `answer`, `answer
 `answer_slices`: the inclusive [first, last] model-resolution slice range of what the answer is about —
 the lesion asked about; the lesions of the organ chosen in a closed "organ" question; every lesion for a
 report or an open "organ" question (reports also list each in `finding_slices`); the organ when the
-answer is that it has no lesion; null when there is nothing to look at. The correct letter is balanced over A-D within
-each split and question type.
+answer is that it has no lesion; null when there is nothing to look at.
+
+Closed choices (`choice_order`): "shuffled" (the default, like M3D-VQA) lists the distractors in a random
+order and deals the correct letter evenly over A-D within each split and question type, so no letter
+prior helps; "natural" lists the four in NATURAL_ORDER (organs head to feet, "No" before the kinds of
+lesion, the scan's thirds from the top, sizes ascending), so the letter follows from the answer and the
+choices offered (for presence and size, from the answer alone): a model that reads the answer from the
+scan then needs little symbol matching to name its letter.
 
 Everything is deterministic from the seed: volume i's anatomy, noise and texts depend on (seed, i) only.
 
@@ -497,9 +503,26 @@ def deal_letters(groups_of: Sequence[str], rng: np.random.Generator) -> list[int
     return positions
 
 
-def closed_record(record_id, question: _Question, position: int, volume: str) -> dict:
-    choices = list(question.choices[1:])
-    choices.insert(position, question.choices[0])
+# Each type's choices in reading order: organs as ORGANS lists them (head to feet), presence before
+# kind, the scan's thirds by first then last, sizes ascending.
+NATURAL_ORDER = {
+    "organ": LESION_ORGANS,
+    "abnormality": PRESENCE_ANSWERS,
+    "location": tuple(LOCATIONS[key] for key in sorted(LOCATIONS)),
+    "size": tuple(name for name, _, _ in SIZE_CLASSES),
+}
+CHOICE_ORDERS = ("shuffled", "natural")
+
+
+def closed_record(record_id, question: _Question, position: int | None, volume: str) -> dict:
+    """position: the correct choice's letter (0-3) among the distractors in their drawn order; None
+    lists all four in NATURAL_ORDER."""
+    if position is None:
+        choices = sorted(question.choices, key=NATURAL_ORDER[question.kind].index)
+        position = choices.index(question.choices[0])
+    else:
+        choices = list(question.choices[1:])
+        choices.insert(position, question.choices[0])
     letter = "ABCD"[position]
     text = f"{question.text} Choices: " + " ".join(f"{l}. {c}" for l, c in zip("ABCD", choices))
     return _record(
@@ -530,11 +553,13 @@ def generate(
     shape: Sequence[int] = (32, 64, 64),
     source_shape: Sequence[int] | None = None,
     formats: Sequence[str] = ("npy", "nifti"),
+    choice_order: str = "shuffled",
 ) -> dict:
     """Write `num` phantoms with their texts and ground truth under `out`; returns the ground truth.
 
     `shape` is the model resolution (the `.npy` volumes and every slice index); `source_shape` the
-    NIfTI's, by default twice as many slices as `shape` at the same in-plane size.
+    NIfTI's, by default twice as many slices as `shape` at the same in-plane size. `choice_order`
+    (CHOICE_ORDERS) lists closed choices in letters dealt evenly over A-D, or in their natural order.
     """
     shape = tuple(int(s) for s in shape)
     source_shape = tuple(int(s) for s in (source_shape or (2 * shape[0], shape[1], shape[2])))
@@ -543,6 +568,8 @@ def generate(
         raise ValueError(f"shape {shape} and source_shape {source_shape} must be 3 sizes of at least 8 voxels")
     if num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
+    if choice_order not in CHOICE_ORDERS:
+        raise ValueError(f"choice_order must be one of {CHOICE_ORDERS}, got {choice_order!r}")
     unknown = set(formats) - {"npy", "nifti"}
     if unknown or not formats:
         raise ValueError(f"formats must be a non-empty subset of ('npy', 'nifti'), got {formats}")
@@ -593,7 +620,10 @@ def generate(
                             answer=question.open_answer,
                             answer_slices=question.open_slices if question.open_differs else question.answer_slices)
                 )
-    positions = deal_letters([group for group, *_ in closed], _rng(seed, 1 << 30, 1))
+    if choice_order == "natural":
+        positions = [None] * len(closed)
+    else:
+        positions = deal_letters([group for group, *_ in closed], _rng(seed, 1 << 30, 1))
     for (_, question, record_id, split, volume_id), position in zip(closed, positions):
         for fmt in formats:
             records[fmt]["vqa_closed", split].append(
@@ -683,10 +713,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--source-shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="the NIfTI volumes' resolution (default: 2*D, H, W)")
     parser.add_argument("--format", choices=("npy", "nifti", "both"), default="both")
+    parser.add_argument("--choice-order", choices=CHOICE_ORDERS, default="shuffled",
+                        help="closed VQA: letters dealt evenly over A-D, or choices in their natural order")
     args = parser.parse_args(argv)
     formats = ("npy", "nifti") if args.format == "both" else (args.format,)
     truth = generate(args.out, num=args.num, seed=args.seed, shape=args.shape, source_shape=args.source_shape,
-                     formats=formats)
+                     formats=formats, choice_order=args.choice_order)
     findings = sum(len(v["findings"]) for v in truth["volumes"])
     print(f"wrote {len(truth['volumes'])} phantoms ({findings} lesions, formats {', '.join(formats)}) to {args.out}")
     return 0

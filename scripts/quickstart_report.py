@@ -196,7 +196,11 @@ def main(argv):
 
     out += ["## Where TG-IS looks", "",
             "Score mass on the slices that hold what the question asks about, against the share those slices "
-            "would get from uniform scores (lift > 1: the model looks there more than by chance).", ""]
+            "would get from uniform scores (lift > 1: the model looks there more than by chance). Scores can "
+            "beat uniform without reading the question (they favour the body, or one salient slice), so the "
+            "last two columns hold the control: the mass the *other* questions about the same scan put on "
+            "this question's slices, and the text lift = mass / that (1.00× when the question changes "
+            "nothing).", ""]
     for task, summary in grounding.items():
         if summary["overall"] is not None:
             out += [f"### {task}", "", grounding_table(summary)]

@@ -54,3 +54,35 @@ def test_summary_per_type_and_overall_with_skips():
 def test_summary_names_a_prediction_without_its_record():
     with pytest.raises(KeyError, match="'z'"):
         grounding_summary([{"id": "z", "slice_scores": [1.0]}], [{"id": "a", "answer_slices": [0, 0]}])
+
+
+def test_same_scan_control_compares_with_the_other_questions_about_the_volume():
+    records = [
+        {"id": "a", "question_type": 5, "answer_slices": [0, 0], "vision3d": ["v1.npy"]},
+        {"id": "b", "question_type": 5, "answer_slices": [3, 3], "vision3d": ["v1.npy"]},
+        {"id": "c", "question_type": 4, "answer_slices": [1, 1], "vision3d": ["v1.npy"]},
+        {"id": "d", "question_type": 4, "answer_slices": [2, 2], "vision3d": ["v2.npy"]},  # alone on its scan
+    ]
+    predictions = [
+        {"id": "a", "slice_scores": [0.7, 0.1, 0.1, 0.1]},
+        {"id": "b", "slice_scores": [0.1, 0.1, 0.2, 0.6]},
+        {"id": "c", "slice_scores": [0.1, 0.5, 0.3, 0.1]},
+        {"id": "d", "slice_scores": [0.1, 0.1, 0.7, 0.1]},
+    ]
+    summary = grounding_summary(predictions, records)
+    location = summary["per_type"]["location"]
+    # a: own 0.7 on slice 0, b and c put 0.1 and 0.1 there; b: own 0.6 on slice 3, a and c put 0.1, 0.1.
+    assert location["controlled"] == 2
+    assert location["other"] == pytest.approx(0.1) and location["text_lift"] == pytest.approx(0.65 / 0.1)
+    abnormality = summary["per_type"]["abnormality"]  # c: own 0.5 on slice 1; a and b put 0.1, 0.1. d: no control
+    assert abnormality["count"] == 2 and abnormality["controlled"] == 1
+    assert abnormality["other"] == pytest.approx(0.1) and abnormality["text_lift"] == pytest.approx(5.0)
+    assert "| location | 2 | 0.650 | 0.250 | 2.60× | 100 % | 0.100 | 6.50× |" in grounding_table(summary)
+
+
+def test_scores_that_ignore_the_question_have_a_text_lift_of_one():
+    records = [{"id": k, "question_type": 5, "answer_slices": [i, i], "vision3d": ["v.npy"]} for i, k in enumerate("abc")]
+    scores = [0.6, 0.2, 0.1, 0.1]
+    summary = grounding_summary([{"id": k, "slice_scores": scores} for k in "abc"], records)
+    assert summary["overall"]["lift"] == pytest.approx(0.3 / 0.25)
+    assert summary["overall"]["text_lift"] == pytest.approx(1.0)

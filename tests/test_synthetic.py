@@ -7,6 +7,7 @@ import dataclasses
 import filecmp
 import json
 import pathlib
+import re
 
 import nibabel as nib
 import numpy as np
@@ -206,6 +207,35 @@ def test_closed_answers_are_balanced_over_letters(tmp_path):
         letters += in_split
     assert max(letters.values()) - min(letters.values()) <= 1
     assert sum(letters.values()) > 150
+
+
+# Written out, not read from synthetic.NATURAL_ORDER: the orders a reader of the questions sees.
+READING_ORDER = {
+    4: ("No", "Yes, a single hypodense lesion", "Yes, a single hyperdense lesion", "Yes, several lesions"),
+    5: ("the upper third", "the upper and middle thirds", "all three thirds", "the middle third",
+        "the middle and lower thirds", "the lower third"),
+    6: ("under 2 cm", "2 to 3 cm", "3 to 5 cm", "over 5 cm"),
+}
+
+
+def test_natural_choice_order_lists_choices_in_reading_order(tmp_path):
+    synthetic.generate(tmp_path, num=40, seed=3, shape=SHAPE, source_shape=SOURCE_SHAPE, formats=("npy",),
+                       choice_order="natural")
+    organs = json.loads((tmp_path / "ground_truth.json").read_text())["volumes"][0]["organ_slices"]
+    seen = collections.Counter()
+    for record in json.loads((tmp_path / "annotations/npy/vqa_closed_train.json").read_text()):
+        question = record["conversations"][0]["value"]
+        listed = re.split(r" [A-D]\. ", " " + question.split("Choices:")[1])[1:]
+        assert len(listed) == 4 and record["answer"] in listed
+        letter = "ABCD"[listed.index(record["answer"])]
+        assert record["answer_choice"] == letter and record["conversations"][1]["value"] == f"{letter}. {record['answer']}"
+        # Organs in the ground truth's head-to-feet listing; the other types in READING_ORDER.
+        order = [n for n in organs if n in listed] if record["question_type"] == 3 else READING_ORDER[record["question_type"]]
+        assert sorted(listed, key=list(order).index) == listed, question
+        seen[record["question_type"]] += 1
+    assert set(seen) == {3, 4, 5, 6}
+    with pytest.raises(ValueError, match="choice_order"):
+        synthetic.generate(tmp_path, num=3, choice_order="alphabetical")
 
 
 def test_answers_follow_the_ground_truth(tmp_path):

@@ -7,6 +7,12 @@ look at). For one prediction, `mass` is the sum of its slice scores over that ra
 range's length over the number of slices: a model that ignores the question scores mass ≈ uniform, one
 that looks at the finding scores mass > uniform. The summary gives their means, their ratio (`lift`)
 and how often mass exceeds uniform, overall and per question type.
+
+A lift above 1 can also come from where the scores go whatever the question (towards the body, or a
+salient slice). The control that isolates the text is the same scan asked something else: `other` is
+the mass that the scores of the *other* questions about the same volume put on this question's range,
+and `text_lift` = mass / other. Scores that ignore the question give text_lift = 1 exactly; scores the
+question moves towards its own finding give more.
 """
 
 from __future__ import annotations
@@ -38,16 +44,24 @@ def slice_mass(slice_scores: Sequence[float], slice_range: Sequence[int]) -> tup
     return float(scores[first:last + 1].sum() / total), (last - first + 1) / scores.size
 
 
-def _stats(pairs: list[tuple[float, float]]) -> dict:
-    mass = np.array([m for m, _ in pairs])
-    uniform = np.array([u for _, u in pairs])
-    return {
-        "count": len(pairs),
+def _stats(samples: list[tuple[float, float, float | None]]) -> dict:
+    mass = np.array([m for m, _, _ in samples])
+    uniform = np.array([u for _, u, _ in samples])
+    controlled = [(m, o) for m, _, o in samples if o is not None]
+    stats = {
+        "count": len(samples),
         "mass": float(mass.mean()),
         "uniform": float(uniform.mean()),
         "lift": float(mass.mean() / uniform.mean()),
         "above_uniform": float(np.mean(mass > uniform)),
+        "controlled": len(controlled),  # samples whose volume was asked other questions too
+        "other": None,
+        "text_lift": None,
     }
+    if controlled:
+        own, other = np.array(controlled).T
+        stats.update(other=float(other.mean()), text_lift=float(own.mean() / other.mean()) if other.mean() > 0 else None)
+    return stats
 
 
 def grounding_summary(predictions: Sequence[Mapping], records: Sequence[Mapping]) -> dict:
@@ -61,27 +75,38 @@ def grounding_summary(predictions: Sequence[Mapping], records: Sequence[Mapping]
 
     Returns:
       {"overall": stats, "per_type": {type name: stats}, "skipped": n} with stats = count, mass,
-      uniform, lift (mass / uniform), above_uniform (fraction of samples with mass > uniform);
-      "overall" is None when no prediction qualifies.
+      uniform, lift (mass / uniform), above_uniform (fraction of samples with mass > uniform),
+      controlled (samples whose volume — the record's `vision3d` — has other scored predictions),
+      other (their mean mass under those other predictions' scores) and text_lift (their mean mass /
+      other; None without such samples); "overall" is None when no prediction qualifies.
     """
     slices_of = {record_id(r, i): r.get("answer_slices") for i, r in enumerate(records)}
     type_of = {record_id(r, i): r.get("question_type") for i, r in enumerate(records)}
+    volume_of = {record_id(r, i): tuple(r.get("vision3d") or ()) or None for i, r in enumerate(records)}
+    for row in predictions:
+        if str(row["id"]) not in slices_of:
+            raise KeyError(f"prediction {str(row['id'])!r} has no record among the {len(records)} given")
+    scored = [row for row in predictions if row.get("slice_scores") is not None]
+    on_volume = defaultdict(list)
+    for row in scored:
+        on_volume[volume_of[str(row["id"])]].append(row)
     overall, per_type, skipped = [], defaultdict(list), 0
     for row in predictions:
         key = str(row["id"])
-        if key not in slices_of:
-            raise KeyError(f"prediction {key!r} has no record among the {len(records)} given")
         slice_range, scores = slices_of[key], row.get("slice_scores")
         if slice_range is None or scores is None:
             skipped += 1
             continue
+        others = [r for r in on_volume[volume_of[key]] if str(r["id"]) != key] if volume_of[key] else []
         try:
-            pair = slice_mass(scores, slice_range)
+            mass, uniform = slice_mass(scores, slice_range)
+            other = float(np.mean([slice_mass(r["slice_scores"], slice_range)[0] for r in others])) if others else None
         except ValueError as error:
             raise ValueError(f"prediction {key!r}: {error}") from None
-        overall.append(pair)
+        sample = (mass, uniform, other)
+        overall.append(sample)
         kind = type_of[key]
-        per_type[type_name(kind) if kind is not None else "untyped"].append(pair)
+        per_type[type_name(kind) if kind is not None else "untyped"].append(sample)
     return {
         "overall": _stats(overall) if overall else None,
         "per_type": {name: _stats(pairs) for name, pairs in per_type.items()},
@@ -91,11 +116,16 @@ def grounding_summary(predictions: Sequence[Mapping], records: Sequence[Mapping]
 
 def grounding_table(summary: Mapping) -> str:
     """The summary as a Markdown table."""
-    lines = ["| | n | mass on the finding's slices | uniform share | lift | mass > uniform |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| | n | mass on the finding's slices | uniform share | lift | mass > uniform | same scan, other questions | text lift |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def row(label, stats):
+        other, text_lift = stats.get("other"), stats.get("text_lift")
         return (f"| {label} | {stats['count']} | {stats['mass']:.3f} | {stats['uniform']:.3f} | "
-                f"{stats['lift']:.2f}× | {100 * stats['above_uniform']:.0f} % |")
+                f"{stats['lift']:.2f}× | {100 * stats['above_uniform']:.0f} % | "
+                f"{'–' if other is None else f'{other:.3f}'} | {'–' if text_lift is None else f'{text_lift:.2f}×'} |")
 
     lines += [row(name, stats) for name, stats in summary["per_type"].items()]
     if summary["overall"] is not None:
