@@ -198,9 +198,9 @@ def main(argv):
             "Score mass on the slices that hold what the question asks about, against the share those slices "
             "would get from uniform scores (lift > 1: the model looks there more than by chance). Scores can "
             "beat uniform without reading the question (they favour the body, or one salient slice), so the "
-            "last two columns hold the control: the mass the *other* questions about the same scan put on "
-            "this question's slices, and the text lift = mass / that (1.00× when the question changes "
-            "nothing).", ""]
+            "last two columns hold the control, on the scans that were asked more than one question: the "
+            "mass on this question's slices against the mass the *other* questions about the same scan put "
+            "there, and their ratio, the text lift (1.00× when the question changes nothing).", ""]
     for task, summary in grounding.items():
         if summary["overall"] is not None:
             out += [f"### {task}", "", grounding_table(summary)]

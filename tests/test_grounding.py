@@ -77,7 +77,10 @@ def test_same_scan_control_compares_with_the_other_questions_about_the_volume():
     abnormality = summary["per_type"]["abnormality"]  # c: own 0.5 on slice 1; a and b put 0.1, 0.1. d: no control
     assert abnormality["count"] == 2 and abnormality["controlled"] == 1
     assert abnormality["other"] == pytest.approx(0.1) and abnormality["text_lift"] == pytest.approx(5.0)
-    assert "| location | 2 | 0.650 | 0.250 | 2.60× | 100 % | 0.100 | 6.50× |" in grounding_table(summary)
+    assert abnormality["controlled_mass"] == pytest.approx(0.5) and abnormality["mass"] == pytest.approx((0.5 + 0.7) / 2)
+    table = grounding_table(summary)
+    assert "| location | 2 | 0.650 | 0.250 | 2.60× | 100 % | 2: 0.650 / 0.100 | 6.50× |" in table
+    assert "| abnormality | 2 | 0.600 | 0.250 | 2.40× | 100 % | 1: 0.500 / 0.100 | 5.00× |" in table
 
 
 def test_scores_that_ignore_the_question_have_a_text_lift_of_one():

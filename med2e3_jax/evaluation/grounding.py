@@ -55,12 +55,14 @@ def _stats(samples: list[tuple[float, float, float | None]]) -> dict:
         "lift": float(mass.mean() / uniform.mean()),
         "above_uniform": float(np.mean(mass > uniform)),
         "controlled": len(controlled),  # samples whose volume was asked other questions too
+        "controlled_mass": None,
         "other": None,
         "text_lift": None,
     }
     if controlled:
         own, other = np.array(controlled).T
-        stats.update(other=float(other.mean()), text_lift=float(own.mean() / other.mean()) if other.mean() > 0 else None)
+        stats.update(controlled_mass=float(own.mean()), other=float(other.mean()),
+                     text_lift=float(own.mean() / other.mean()) if other.mean() > 0 else None)
     return stats
 
 
@@ -77,8 +79,9 @@ def grounding_summary(predictions: Sequence[Mapping], records: Sequence[Mapping]
       {"overall": stats, "per_type": {type name: stats}, "skipped": n} with stats = count, mass,
       uniform, lift (mass / uniform), above_uniform (fraction of samples with mass > uniform),
       controlled (samples whose volume — the record's `vision3d` — has other scored predictions),
-      other (their mean mass under those other predictions' scores) and text_lift (their mean mass /
-      other; None without such samples); "overall" is None when no prediction qualifies.
+      controlled_mass (their mean mass), other (their mean mass under those other predictions'
+      scores) and text_lift (controlled_mass / other); the last three None without such samples;
+      "overall" is None when no prediction qualifies.
     """
     slices_of = {record_id(r, i): r.get("answer_slices") for i, r in enumerate(records)}
     type_of = {record_id(r, i): r.get("question_type") for i, r in enumerate(records)}
@@ -117,15 +120,18 @@ def grounding_summary(predictions: Sequence[Mapping], records: Sequence[Mapping]
 def grounding_table(summary: Mapping) -> str:
     """The summary as a Markdown table."""
     lines = [
-        "| | n | mass on the finding's slices | uniform share | lift | mass > uniform | same scan, other questions | text lift |",
+        "| | n | mass on the finding's slices | uniform share | lift | mass > uniform "
+        "| scans asked more: n, mass / other questions' mass there | text lift |",
         "|---|---|---|---|---|---|---|---|",
     ]
 
     def row(label, stats):
-        other, text_lift = stats.get("other"), stats.get("text_lift")
+        control, text_lift = "–", stats.get("text_lift")
+        if stats.get("other") is not None:
+            control = f"{stats['controlled']}: {stats['controlled_mass']:.3f} / {stats['other']:.3f}"
         return (f"| {label} | {stats['count']} | {stats['mass']:.3f} | {stats['uniform']:.3f} | "
-                f"{stats['lift']:.2f}× | {100 * stats['above_uniform']:.0f} % | "
-                f"{'–' if other is None else f'{other:.3f}'} | {'–' if text_lift is None else f'{text_lift:.2f}×'} |")
+                f"{stats['lift']:.2f}× | {100 * stats['above_uniform']:.0f} % | {control} | "
+                f"{'–' if text_lift is None else f'{text_lift:.2f}×'} |")
 
     lines += [row(name, stats) for name, stats in summary["per_type"].items()]
     if summary["overall"] is not None:
