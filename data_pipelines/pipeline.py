@@ -314,9 +314,9 @@ class Batches(grain.IterDataset):
         """`Chunk`s of the visits from `start` on, in order.
 
         slots: with worker processes, the slots the workers stack large arrays into (descriptors in
-          the chunks); None: the chunks hold every array.
+          the chunks); None (no workers): the chunks hold every array.
         """
-        batch_fn = functools.partial(make_chunk, slots=slots if self.worker_count > 0 else None)
+        batch_fn = functools.partial(make_chunk, slots=slots)
         chunks = self.visits[start:].map(self.load).batch(self.batch_size, batch_fn=batch_fn)
         chunks = chunks.to_iter_dataset(self.read_options)
         if self.worker_count > 0:
