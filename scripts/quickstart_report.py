@@ -198,9 +198,12 @@ def main(argv):
             "Score mass on the slices that hold what the question asks about, against the share those slices "
             "would get from uniform scores (lift > 1: the model looks there more than by chance). Scores can "
             "beat uniform without reading the question (they favour the body, or one salient slice), so the "
-            "last two columns hold the control, on the scans that were asked more than one question: the "
+            "last three columns hold the control, on the scans that were asked more than one question: the "
             "mass on this question's slices against the mass the *other* questions about the same scan put "
-            "there, and their ratio, the text lift (1.00× when the question changes nothing).", ""]
+            "there, their ratio, the text lift (1.00× when the question changes nothing), and how far the "
+            "scores move between those questions (total-variation distance: 0 when they do not move, 1 when "
+            "two questions look at disjoint slices; a large shift with a text lift near 1 means the question "
+            "moves the scores, but not towards what it asks about).", ""]
     for task, summary in grounding.items():
         if summary["overall"] is not None:
             out += [f"### {task}", "", grounding_table(summary)]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from med2e3_jax.evaluation.grounding import grounding_summary, grounding_table, slice_mass
+from med2e3_jax.evaluation.grounding import grounding_summary, grounding_table, score_shift, slice_mass
 
 
 def test_slice_mass_sums_the_range_inclusively():
@@ -79,8 +79,10 @@ def test_same_scan_control_compares_with_the_other_questions_about_the_volume():
     assert abnormality["other"] == pytest.approx(0.1) and abnormality["text_lift"] == pytest.approx(5.0)
     assert abnormality["controlled_mass"] == pytest.approx(0.5) and abnormality["mass"] == pytest.approx((0.5 + 0.7) / 2)
     table = grounding_table(summary)
-    assert "| location | 2 | 0.650 | 0.250 | 2.60× | 100 % | 2: 0.650 / 0.100 | 6.50× |" in table
-    assert "| abnormality | 2 | 0.600 | 0.250 | 2.40× | 100 % | 1: 0.500 / 0.100 | 5.00× |" in table
+    # Total variation: a-b 0.6, a-c 0.6, b-c 0.5; a's mean 0.6, b's and c's 0.55.
+    assert location["shift"] == pytest.approx((0.6 + 0.55) / 2) and abnormality["shift"] == pytest.approx(0.55)
+    assert "| location | 2 | 0.650 | 0.250 | 2.60× | 100 % | 2: 0.650 / 0.100 | 6.50× | 0.575 |" in table
+    assert "| abnormality | 2 | 0.600 | 0.250 | 2.40× | 100 % | 1: 0.500 / 0.100 | 5.00× | 0.550 |" in table
 
 
 def test_scores_that_ignore_the_question_have_a_text_lift_of_one():
@@ -89,3 +91,25 @@ def test_scores_that_ignore_the_question_have_a_text_lift_of_one():
     summary = grounding_summary([{"id": k, "slice_scores": scores} for k in "abc"], records)
     assert summary["overall"]["lift"] == pytest.approx(0.3 / 0.25)
     assert summary["overall"]["text_lift"] == pytest.approx(1.0)
+    assert summary["overall"]["shift"] == 0.0
+
+
+def test_a_question_can_move_the_scores_without_moving_them_to_its_finding():
+    """Two questions on one scan, each looking at the other's finding: the scores move (shift 0.8) yet
+    the text lift is below 1."""
+    records = [
+        {"id": "a", "question_type": 5, "answer_slices": [0, 0], "vision3d": ["v.npy"]},
+        {"id": "b", "question_type": 5, "answer_slices": [3, 3], "vision3d": ["v.npy"]},
+    ]
+    predictions = [
+        {"id": "a", "slice_scores": [0.1, 0.0, 0.0, 0.9]},
+        {"id": "b", "slice_scores": [0.9, 0.0, 0.0, 0.1]},
+    ]
+    overall = grounding_summary(predictions, records)["overall"]
+    assert overall["shift"] == pytest.approx(0.8)
+    assert overall["text_lift"] == pytest.approx(0.1 / 0.9)
+
+
+def test_score_shift_needs_scores_over_the_same_slices():
+    with pytest.raises(ValueError, match="4 and 3 slices"):
+        score_shift([0.25] * 4, [1 / 3] * 3)

@@ -12,7 +12,11 @@ A lift above 1 can also come from where the scores go whatever the question (tow
 salient slice). The control that isolates the text is the same scan asked something else: `other` is
 the mass that the scores of the *other* questions about the same volume put on this question's range,
 and `text_lift` = mass / other. Scores that ignore the question give text_lift = 1 exactly; scores the
-question moves towards its own finding give more.
+question moves towards its own finding give more. `shift` tells the two ways of scoring a text lift of 1
+apart: how far the scores move between questions about the same volume, as the total-variation distance
+(half the L1 distance) between this question's scores and each other question's, averaged: 0 when the
+question changes nothing, 1 when two questions look at disjoint slices. A large shift with a text lift
+of 1 means the question moves the scores, but not towards what it asks about.
 """
 
 from __future__ import annotations
@@ -44,10 +48,19 @@ def slice_mass(slice_scores: Sequence[float], slice_range: Sequence[int]) -> tup
     return float(scores[first:last + 1].sum() / total), (last - first + 1) / scores.size
 
 
-def _stats(samples: list[tuple[float, float, float | None]]) -> dict:
-    mass = np.array([m for m, _, _ in samples])
-    uniform = np.array([u for _, u, _ in samples])
-    controlled = [(m, o) for m, _, o in samples if o is not None]
+def score_shift(slice_scores: Sequence[float], other_scores: Sequence[float]) -> float:
+    """Total-variation distance between two score vectors over the same slices, each normalised."""
+    p, q = (np.asarray(s, np.float64).reshape(-1) for s in (slice_scores, other_scores))
+    if p.shape != q.shape:
+        raise ValueError(f"scores over {p.size} and {q.size} slices cannot be compared")
+    return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
+
+
+def _stats(samples: list[tuple[float, float, float | None, float | None]]) -> dict:
+    mass = np.array([m for m, _, _, _ in samples])
+    uniform = np.array([u for _, u, _, _ in samples])
+    controlled = [(m, o) for m, _, o, _ in samples if o is not None]
+    shifts = [d for _, _, o, d in samples if o is not None]
     stats = {
         "count": len(samples),
         "mass": float(mass.mean()),
@@ -58,11 +71,13 @@ def _stats(samples: list[tuple[float, float, float | None]]) -> dict:
         "controlled_mass": None,
         "other": None,
         "text_lift": None,
+        "shift": None,
     }
     if controlled:
         own, other = np.array(controlled).T
         stats.update(controlled_mass=float(own.mean()), other=float(other.mean()),
-                     text_lift=float(own.mean() / other.mean()) if other.mean() > 0 else None)
+                     text_lift=float(own.mean() / other.mean()) if other.mean() > 0 else None,
+                     shift=float(np.mean(shifts)))
     return stats
 
 
@@ -80,8 +95,9 @@ def grounding_summary(predictions: Sequence[Mapping], records: Sequence[Mapping]
       uniform, lift (mass / uniform), above_uniform (fraction of samples with mass > uniform),
       controlled (samples whose volume — the record's `vision3d` — has other scored predictions),
       controlled_mass (their mean mass), other (their mean mass under those other predictions'
-      scores) and text_lift (controlled_mass / other); the last three None without such samples;
-      "overall" is None when no prediction qualifies.
+      scores), text_lift (controlled_mass / other) and shift (their mean total-variation distance to
+      those other predictions' scores); the last four None without such samples; "overall" is None when
+      no prediction qualifies.
     """
     slices_of = {record_id(r, i): r.get("answer_slices") for i, r in enumerate(records)}
     type_of = {record_id(r, i): r.get("question_type") for i, r in enumerate(records)}
@@ -104,9 +120,10 @@ def grounding_summary(predictions: Sequence[Mapping], records: Sequence[Mapping]
         try:
             mass, uniform = slice_mass(scores, slice_range)
             other = float(np.mean([slice_mass(r["slice_scores"], slice_range)[0] for r in others])) if others else None
+            shift = float(np.mean([score_shift(scores, r["slice_scores"]) for r in others])) if others else None
         except ValueError as error:
             raise ValueError(f"prediction {key!r}: {error}") from None
-        sample = (mass, uniform, other)
+        sample = (mass, uniform, other, shift)
         overall.append(sample)
         kind = type_of[key]
         per_type[type_name(kind) if kind is not None else "untyped"].append(sample)
@@ -121,17 +138,19 @@ def grounding_table(summary: Mapping) -> str:
     """The summary as a Markdown table."""
     lines = [
         "| | n | mass on the finding's slices | uniform share | lift | mass > uniform "
-        "| scans asked more: n, mass / other questions' mass there | text lift |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scans asked more: n, mass / other questions' mass there | text lift | shift between their questions |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def row(label, stats):
-        control, text_lift = "–", stats.get("text_lift")
+        control, text_lift, shift = "–", "–", "–"
         if stats.get("other") is not None:
             control = f"{stats['controlled']}: {stats['controlled_mass']:.3f} / {stats['other']:.3f}"
+            shift = f"{stats['shift']:.3f}"
+        if stats.get("text_lift") is not None:
+            text_lift = f"{stats['text_lift']:.2f}×"
         return (f"| {label} | {stats['count']} | {stats['mass']:.3f} | {stats['uniform']:.3f} | "
-                f"{stats['lift']:.2f}× | {100 * stats['above_uniform']:.0f} % | {control} | "
-                f"{'–' if text_lift is None else f'{text_lift:.2f}×'} |")
+                f"{stats['lift']:.2f}× | {100 * stats['above_uniform']:.0f} % | {control} | {text_lift} | {shift} |")
 
     lines += [row(name, stats) for name, stats in summary["per_type"].items()]
     if summary["overall"] is not None:
