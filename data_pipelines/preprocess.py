@@ -263,18 +263,17 @@ def _interpolate_axis(array: np.ndarray, axis: int, taps: _Taps) -> np.ndarray:
     upper = _gather(array, axis, taps.upper)
     weight_shape = [1] * array.ndim
     weight_shape[axis] = -1
-    lower_weight, upper_weight = _weights(taps.lower_weight, weight_shape), _weights(taps.upper_weight, weight_shape)
-    # Gathered copies (not views of `array`) are weighted in place: two fresh volume-sized buffers
-    # fewer, whose page faults cost as much as the arithmetic. The same float32 operations either way.
-    if lower.dtype == np.float32 and not np.may_share_memory(lower, array):
-        out = np.multiply(lower, lower_weight, out=lower)
-    else:
-        out = np.multiply(lower, lower_weight, dtype=np.float32)
-    if upper.dtype == np.float32 and not np.may_share_memory(upper, array):
-        out += np.multiply(upper, upper_weight, out=upper)
-    else:
-        out += upper * upper_weight
+    out = _weighted(lower, array, _weights(taps.lower_weight, weight_shape))
+    out += _weighted(upper, array, _weights(taps.upper_weight, weight_shape))
     return out
+
+
+def _weighted(gathered: np.ndarray, source: np.ndarray, weight) -> np.ndarray:
+    """gathered·weight in float32; in place when `gathered` is a float32 copy rather than a view of
+    `source`: a fresh volume-sized buffer fewer, whose page faults cost as much as the arithmetic."""
+    if gathered.dtype == np.float32 and not np.may_share_memory(gathered, source):
+        return np.multiply(gathered, weight, out=gathered)
+    return np.multiply(gathered, weight, dtype=np.float32)
 
 
 def _interpolate_first_axis(array: np.ndarray, taps: _Taps) -> np.ndarray:
