@@ -19,7 +19,7 @@ from med2e3_jax.models.med2e3 import Med2E3  # noqa: E402
 from med2e3_jax.train.state import learning_rate, make_optimizer, warmup_steps  # noqa: E402
 from med2e3_jax.models.merge import causal_lm_loss  # noqa: E402
 from med2e3_jax.train.step import (  # noqa: E402
-    _split_micro_batches, eval_step, head_slots, summed_token_loss, target_slots, train_step,
+    _split_micro_batches, eval_step, head_slots, slot_rungs, summed_token_loss, target_slots, train_step,
 )
 from med2e3_jax.train_config import TRAINABLE  # noqa: E402
 
@@ -92,21 +92,54 @@ def test_gradient_accumulation_equals_one_batch_k_times_larger():
 def test_lm_head_on_the_target_positions_only_gives_the_loss_of_every_position():
     rng = np.random.default_rng(0)
     head = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
-    hidden = jnp.asarray(rng.normal(size=(3, 40, 8)), jnp.float32)
-    labels = np.full((3, 40), -100)
-    labels[1, 10:15] = rng.integers(0, 50, 5)  # row 0 has no target, row 2 has 20 at the end
+    hidden = jnp.asarray(rng.normal(size=(4, 40, 8)), jnp.float32)
+    labels = np.full((4, 40), -100)
+    labels[1, 10:15] = rng.integers(0, 50, 5)  # row 0 has no target, row 2 has 20 at the end, row 3 has 3
     labels[2, 20:] = rng.integers(0, 50, 20)
+    labels[3, 30:33] = rng.integers(0, 50, 3)
     labels = jnp.asarray(labels)
     loss, count = causal_lm_loss(hidden @ head, labels)
-    # Row 2's 20 targets do not fit the default 16 slots: the head then runs on every position.
-    assert target_slots(40) == 16 and head_slots(labels) is None and head_slots(labels[:2]) == 16
-    for slots in (None, 20, 25):
+    assert int(count) == 28
+    for slots in (None, (1, 28), (1, 32), (2, 23), (4, 20), (4, 39)):
         total, got = jax.jit(lambda h, s=slots: summed_token_loss(lambda x: x @ head, h, labels, slots=s))(hidden)
-        assert int(got) == int(count) == 25
-        np.testing.assert_allclose(float(total), float(loss) * 25, rtol=1e-6, err_msg=f"slots={slots}")
+        assert int(got) == 28
+        np.testing.assert_allclose(float(total), float(loss) * 28, rtol=1e-6, err_msg=f"slots={slots}")
     grads = [jax.grad(lambda h, s=s: summed_token_loss(lambda x: x @ head, h, labels, slots=s)[0])(hidden)
-             for s in (20, None)]
+             for s in ((2, 24), None)]
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def test_head_slots_pool_each_micro_batch_and_shard_onto_a_rung_of_the_ladder():
+    labels = np.full((4, 40), -100)
+    for row, targets in enumerate((0, 5, 20, 3)):
+        labels[row, 40 - targets:] = 7
+    assert target_slots(40) == 16 and slot_rungs(28) == [8, 12, 16, 24, 32]
+    assert head_slots(labels) == (1, 32)  # 28 targets in one group
+    assert head_slots(labels, micro_batches=2) == (1, 24)  # rows 0 and 2 (20), rows 1 and 3 (8)
+    assert head_slots(labels, micro_batches=4) is None  # row 2 alone: 20 > 16 slots per row
+    assert head_slots(labels[:2]) == (1, 8)
+    one_shard = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    assert head_slots(labels, mesh=one_shard) == (1, 32)
+    abstract = jax.ShapeDtypeStruct((4, 40), jnp.int32)
+    assert head_slots(abstract) == (1, 64) and head_slots(abstract, micro_batches=2) == (1, 32)
+    assert head_slots(np.full((2, 10), 7)) is None  # 16 slots per row hold all 9 positions: no pooling
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+def test_head_slots_pool_within_batch_shards():
+    labels = np.full((8, 40), -100)
+    for row, targets in enumerate((0, 5, 20, 3, 1, 1, 16, 16)):
+        labels[row, 40 - targets:] = 7
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2, 1), ("data", "fsdp", "tensor"))
+    assert head_slots(labels, mesh=mesh) == (4, 32)  # pairs of rows: 5, 23, 2 and 32, which fits 2 x 16
+    # Micro-batch 0 is rows 0, 2, 4 and 6, one per shard: row 2's 20 targets exceed its 16 slots.
+    assert head_slots(labels, mesh=mesh, micro_batches=2) is None
+    assert head_slots(labels[:6], mesh=mesh) == (2, 32)  # 6 rows over 4 shards: 2 groups of 3 rows, 25 and 5
+
+
+def test_eval_step_loss_is_the_model_loss():
+
+
     # Through the whole model: the step's loss is the model's own.
     config, model, _ = _setup()
     batch = random_batch(config, 4)

@@ -8,15 +8,18 @@ the loss as constants, so XLA computes no gradient for them.
 
 The LM head runs on the supervised positions only (`summed_token_loss`): most of a Med-2E3 prompt is
 vision tokens, question and padding, and the head (embed x vocab, vocab 32064) on every position is
-then most of the step's work at small widths. Each row's targets are gathered into a fixed number of
-slots (static shapes); a batch with a row that has more targets than slots takes the all-positions
-path instead (a second compiled variant; `head_slots` decides on the host), so the loss is the same
-either way.
+then most of the step's work at small widths. The rows of a micro-batch are pooled into one group per
+batch shard (one group without a mesh), and each group's targets are gathered into a number of slots
+taken from a short ladder (static shapes: one compiled variant per rung used), so a batch pays for the
+targets it has, not for its longest answer times its rows. A group with more targets than a quarter
+of its positions takes the all-positions path instead; `head_slots` decides on the host, and the loss
+is the same either way.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +59,9 @@ def train_step(model, optimizer, batch, dropout_key, *, micro_batches: int = 1) 
     # One graph traversal here and a plain `jax.jit` below: `nnx.jit` would traverse model and optimizer
     # on every call, which costs as much as a tiny model's whole step.
     graphdef, state = nnx.split((model, optimizer))
+    mesh = _mesh_of(inputs)
     state, metrics = _train_step(_GraphKey(graphdef), state, inputs, dropout_key, micro_batches=micro_batches,
-                                 mesh=_mesh_of(inputs), slots=head_slots(inputs["labels"]))
+                                 mesh=mesh, slots=head_slots(inputs["labels"], micro_batches=micro_batches, mesh=mesh))
     nnx.update((model, optimizer), state)
     return metrics
 
@@ -66,12 +70,13 @@ def lower_train_step(model, optimizer, batch, dropout_key, *, micro_batches: int
     """`jax.stages.Lowered` of the step (e.g. `.compile().cost_analysis()` for its FLOPs).
 
     The model, optimizer and batch may be abstract (`jax.ShapeDtypeStruct`s, with shardings): the step
-    is then lowered for batches whose rows fit the LM-head slots (`head_slots`), as real batches do.
+    is then lowered with the most LM-head slots a batch that fits them can use (`head_slots`).
     """
     inputs = _model_inputs(batch, micro_batches)
     graphdef, state = nnx.split((model, optimizer))
+    mesh = _mesh_of(inputs)
     return _train_step.lower(_GraphKey(graphdef), state, inputs, dropout_key, micro_batches=micro_batches,
-                             mesh=_mesh_of(inputs), slots=head_slots(inputs["labels"]))
+                             mesh=mesh, slots=head_slots(inputs["labels"], micro_batches=micro_batches, mesh=mesh))
 
 
 class _GraphKey:
@@ -100,7 +105,7 @@ def _model_inputs(batch, micro_batches):
 def eval_step(model, batch) -> dict:
     """Deterministic loss on a batch: dict(loss (mean over supervised tokens), target_tokens)."""
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    return _eval_step(model, inputs, slots=head_slots(inputs["labels"]))
+    return _eval_step(model, inputs, slots=head_slots(inputs["labels"], mesh=_mesh_of(inputs)))
 
 
 def slice_score_entropy(scores):
@@ -110,40 +115,79 @@ def slice_score_entropy(scores):
 
 
 def target_slots(length: int) -> int:
-    """Slots per row for the supervised positions of prompts `length` long: a quarter of the positions
-    (a multiple of 8, at least 16), which answers and captions fit in beside 512 vision tokens."""
+    """Most slots per row for the supervised positions of prompts `length` long: a quarter of the
+    positions (a multiple of 8, at least 16), which answers and captions fit in beside 512 vision tokens.
+    `head_slots` pools rows, so a batch uses this many per row at most (`memory.estimate` counts it)."""
     return min(length - 1, max(16, -(-(length - 1) // 32) * 8))
 
 
-def head_slots(labels) -> int | None:
-    """`target_slots` if every row of `labels` has at most that many targets, else None (all positions).
+def slot_rungs(most: int):
+    """The ladder of slot counts: 8, 12, 16, 24, 32, 48, ... (powers of two and 1.5 times them), up to the
+    first rung of at least `most`. At most a third of the head is spent on empty slots, and a batch mix
+    whose target count varies uses two or three rungs (compiled variants), not one per count."""
+    rung, rungs = 8, []
+    while True:
+        for value in (rung, rung * 3 // 2):
+            rungs.append(value)
+            if value >= most:
+                return rungs
+        rung *= 2
 
-    Decided on the host, from this process's rows and, with several processes, the max over all of them,
-    so that the step needs no `lax.cond`: under XLA:CPU a cond around the head costs more than the head.
+
+def batch_groups(rows: int, mesh: Mesh | None) -> int:
+    """Row groups the LM head pools targets over: one per batch shard, so that no group spans devices
+    (the greatest common divisor with `rows` when the shards do not divide a micro-batch evenly)."""
+    shards = 1 if mesh is None else math.prod(mesh.shape[axis] for axis in sharding.LOGICAL_RULES["batch"])
+    return math.gcd(rows, shards)
+
+
+def head_slots(labels, *, micro_batches: int = 1, mesh: Mesh | None = None) -> tuple[int, int] | None:
+    """(groups, slots per group) for `summed_token_loss`, or None (the head on every position).
+
+    Each micro-batch's rows (`_split_micro_batches`) are split into `batch_groups` runs of consecutive
+    rows; the slots are the smallest rung of `slot_rungs` that holds the targets of the fullest run, and
+    None when that run has more than `target_slots` per row. Decided on the host, from this process's rows
+    and, with several processes, all of theirs, so that the step needs no `lax.cond`: under XLA:CPU a
+    cond around the head costs more than the head.
 
     Args:
       labels: (batch, length) numpy or jax array (a global array: this process's shards are read), or a
-        `jax.ShapeDtypeStruct` (lowering on abstract inputs: the slots, for rows that fit them).
+        `jax.ShapeDtypeStruct` (lowering on abstract inputs: the most slots a batch that fits can use).
+      micro_batches: gradient accumulation steps (the step splits `labels` into them).
+      mesh: the mesh the batch is split over, if any.
     """
-    length = labels.shape[1]
-    slots = target_slots(length)
-    if slots >= length - 1:
+    rows, length = labels.shape
+    micro_rows = rows // micro_batches
+    groups = batch_groups(micro_rows, mesh)
+    cap = micro_rows // groups * target_slots(length)
+    if cap >= micro_rows // groups * (length - 1):
         return None
     if isinstance(labels, jax.ShapeDtypeStruct):
-        return slots
-    if isinstance(labels, jax.Array):
-        rows = [np.asarray(shard.data) for shard in labels.addressable_shards]
-    else:
-        rows = [np.asarray(labels)]
-    most = max(int((r[:, 1:] != IGNORE_INDEX).sum(axis=1).max(initial=0)) for r in rows)
+        return groups, cap
+    counts = _row_target_counts(labels)
+    runs = counts.reshape(micro_rows, micro_batches).T.reshape(micro_batches, groups, -1).sum(axis=-1)
+    most = int(runs.max(initial=0))
+    return (groups, min(slot_rungs(most)[-1], cap)) if most <= cap else None
+
+
+def _row_target_counts(labels) -> np.ndarray:
+    """(batch,) supervised positions per row (the first position is never a target)."""
+    if not isinstance(labels, jax.Array):
+        return (np.asarray(labels)[:, 1:] != IGNORE_INDEX).sum(axis=1)
+    # A global array: each process sees its shards' rows; a row nobody here holds counts 0, and the
+    # elementwise max over processes fills it in (a row held twice has the same count both times).
+    counts = np.zeros(labels.shape[0], np.int32)
+    for shard in labels.addressable_shards:
+        rows = shard.index[0]
+        counts[rows] = np.maximum(counts[rows], (np.asarray(shard.data)[:, 1:] != IGNORE_INDEX).sum(axis=1))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        most = int(np.max(multihost_utils.process_allgather(np.int32(most))))
-    return slots if most <= slots else None
+        counts = np.max(np.asarray(multihost_utils.process_allgather(counts)), axis=0)
+    return counts
 
 
-def summed_token_loss(logits_fn, hidden_states, labels, *, slots: int | None = None):
+def summed_token_loss(logits_fn, hidden_states, labels, *, slots: tuple[int, int] | None = None):
     """Σ over supervised tokens of the next-token cross-entropy, and their number.
 
     The same loss as `models.merge.causal_lm_loss` (times its count), with the LM head applied only
@@ -153,22 +197,25 @@ def summed_token_loss(logits_fn, hidden_states, labels, *, slots: int | None = N
       logits_fn: (..., embed) -> (..., vocab) float32, the LM head (`Decoder.logits`).
       hidden_states: (batch, length, embed), after the final norm.
       labels: (batch, length), IGNORE_INDEX where unsupervised.
-      slots: None: the head on every position; an int: on each row's first `slots` supervised
-        positions, which must be all of them (`head_slots` checks that).
+      slots: None: the head on every position; (groups, per_group): the rows split into `groups` runs
+        of consecutive rows, the head on each run's first `per_group` supervised positions, which must
+        be all of them (`head_slots` checks that).
     """
     targets, hidden = labels[:, 1:], hidden_states[:, :-1]
     valid = targets != IGNORE_INDEX
-    if slots is not None and slots < targets.shape[1]:
-        # Each row's supervised positions first, in order (a stable sort of "not valid").
-        order = jnp.argsort(~valid, axis=1, stable=True)[:, :slots]
+    count = valid.sum()
+    if slots is not None:
+        groups, per_group = slots
+        pooled = lambda x: x.reshape(groups, -1, *x.shape[2:])  # noqa: E731
+        hidden, targets, valid = pooled(hidden), pooled(targets), pooled(valid)
+        # Each run's supervised positions first, in order (a stable sort of "not valid").
+        order = jnp.argsort(~valid, axis=1, stable=True)[:, :per_group]
         pick = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
-        hidden, targets, valid_picked = pick(hidden), pick(targets), pick(valid)
-    else:
-        valid_picked = valid
+        hidden, targets, valid = pick(hidden), pick(targets), pick(valid)
     logits = logits_fn(hidden)
-    picked = jnp.take_along_axis(logits, jnp.where(valid_picked, targets, 0)[..., None], axis=-1)[..., 0]
-    total = jnp.where(valid_picked, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0).sum()
-    return total, valid.sum()
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    total = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0).sum()
+    return total, count
 
 
 def _forward(model, inputs, *, slots, deterministic, rngs=None):
