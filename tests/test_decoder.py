@@ -144,6 +144,8 @@ def test_logits_and_hidden_states_match_transformers_on_a_right_padded_batch(nam
     assert out.logits.dtype == jnp.float32
     assert _max_error(out.hidden_states, hf_hidden, mask) < 1e-5
     assert _max_error(out.logits, hf_logits, mask) < 1e-4
+    # The training step's head (hidden @ head_kernel) is the same head, tied or not.
+    assert _max_error(out.hidden_states @ model.head_kernel(), hf_logits, mask) < 1e-4
 
 
 def test_longrope_switches_from_short_to_long_factors_past_the_original_length():

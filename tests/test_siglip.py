@@ -67,6 +67,19 @@ def test_tower_matches_hf_last_encoder_layer(hf_and_ours):
     np.testing.assert_allclose(ours, hf_and_ours["hf_last_layer"], atol=1e-5, rtol=0)
 
 
+def test_grey_image_equals_hf_on_the_image_copied_to_every_channel(hf_and_ours):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch_model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY_HF, attn_implementation="eager"))
+    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in hf_and_ours["state"].items()})
+    grey = hf_and_ours["pixels"][..., :1]
+    with torch.no_grad():
+        copied = torch.from_numpy(np.repeat(grey, 3, axis=-1)).permute(0, 3, 1, 2)
+        expected = torch_model.eval()(copied, output_hidden_states=True).hidden_states[-1].numpy()
+    ours = np.asarray(hf_and_ours["model"](jnp.asarray(grey)))
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
+
+
 def test_tower_output_is_taken_before_post_layernorm(hf_and_ours):
     ours = np.asarray(hf_and_ours["model"](jnp.asarray(hf_and_ours["pixels"])))
     assert np.abs(ours - hf_and_ours["hf_post_layernorm"]).max() > 1e-1

@@ -295,6 +295,12 @@ class Decoder(nnx.Module):
         hidden_states = self.norm(x)
         return DecoderOutput(self.logits(hidden_states), hidden_states, cache)
 
+    def head_kernel(self):
+        """The LM head as one (embed, vocab) matrix in the compute dtype, so that `logits(h)` is
+        `h @ head_kernel()`: the tied embedding table transposed, or `lm_head`'s kernel."""
+        kernel = self.embed_tokens.embedding[...].T if self.tie_word_embeddings else self.lm_head.kernel[...]
+        return kernel.astype(self.dtype)
+
     def logits(self, hidden_states):
         """(..., embed) final-norm hidden states -> (..., vocab) float32 logits (the LM head).
 

@@ -94,7 +94,7 @@ class Med2E3(nnx.Module):
             scores = jnp.full((batch, slices), 1.0 / slices, jnp.float32)
             return VisionOutput(volume_tokens, scores, found)
 
-        slice_features = self.vision2d(_slices_as_images(volume, cfg.vision2d.num_channels))
+        slice_features = self.vision2d(_slices_as_images(volume))
         slice_tokens = self.vision2d_connector(slice_features)
         slice_tokens = slice_tokens.reshape(batch, slices, *slice_tokens.shape[1:])
         found.update(v2d_selected=slice_features, v2d_slice_tokens=slice_tokens)
@@ -142,9 +142,9 @@ class Med2E3(nnx.Module):
                             out.hidden_states)
 
 
-def _slices_as_images(volume, channels: int):
-    """(batch, 1, slices, height, width) -> (batch * slices, height, width, channels), batch-major, the
-    single CT channel copied to every image channel, no normalisation (as the authors feed SigLIP)."""
+def _slices_as_images(volume):
+    """(batch, 1, slices, height, width) -> (batch * slices, height, width, 1), batch-major: grey images,
+    which SigLIP's embedding takes as the single CT channel copied to every image channel (as the authors
+    feed SigLIP), without normalisation."""
     batch, _, slices, height, width = volume.shape
-    images = jnp.moveaxis(volume, 1, -1).reshape(batch * slices, height, width, volume.shape[1])
-    return jnp.broadcast_to(images, images.shape[:-1] + (channels,))
+    return jnp.moveaxis(volume, 1, -1).reshape(batch * slices, height, width, volume.shape[1])

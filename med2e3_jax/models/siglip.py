@@ -49,17 +49,30 @@ class SiglipEmbeddings(nnx.Module):
         )
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
-        """(batch, height, width, channels) -> (batch, tokens, embed), tokens row-major over the patch grid."""
-        _, height, width, channels = pixels.shape
-        if (height, width) != (self.image_size, self.image_size) or channels != self.num_channels:
+        """(batch, height, width, channels) -> (batch, tokens, embed), tokens row-major over the patch grid.
+
+        `channels` is `cfg.num_channels`, or 1 for a grey image that stands for itself copied to every
+        channel (as Med-2E3 feeds CT slices): the channels' sum is then taken on the kernel, which gives
+        the replicated image's embedding without materialising the copies.
+        """
+        batch, height, width, channels = pixels.shape
+        if (height, width) != (self.image_size, self.image_size) or channels not in (1, self.num_channels):
             # The checkpoint's position embedding is tied to one grid; HF's interpolation is not supported.
             raise ValueError(
                 f"SigLIP expects images of {self.image_size}x{self.image_size}x{self.num_channels} "
-                f"(cfg.image_size, cfg.num_channels), got {height}x{width}x{channels}"
+                f"(cfg.image_size, cfg.num_channels; or 1 channel, copied), got {height}x{width}x{channels}"
             )
-        patches = self.patch_embedding(pixels.astype(self.dtype))
-        batch, grid_h, grid_w, embed = patches.shape
-        tokens = patches.reshape(batch, grid_h * grid_w, embed)
+        # The convolution's stride is its size: a reshape into patches and one matmul, which XLA:CPU runs
+        # several times faster than the convolution (and its gradient) on slices this small.
+        kernel = self.patch_embedding.kernel[...]  # (patch, patch, channels, embed)
+        if channels != kernel.shape[2]:
+            kernel = kernel.sum(axis=2, keepdims=True)
+        patch, embed = kernel.shape[0], kernel.shape[-1]
+        grid = height // patch
+        patches = pixels.reshape(batch, grid, patch, grid, patch, channels).swapaxes(2, 3)
+        patches = patches.reshape(batch, grid * grid, patch * patch * channels).astype(self.dtype)
+        tokens = patches @ kernel.reshape(-1, embed).astype(self.dtype)
+        tokens = tokens + self.patch_embedding.bias[...].astype(self.dtype)
         return tokens + self.position_embedding(jnp.arange(self.num_patches))
 
 

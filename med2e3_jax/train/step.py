@@ -187,14 +187,14 @@ def _row_target_counts(labels) -> np.ndarray:
     return counts
 
 
-def summed_token_loss(logits_fn, hidden_states, labels, *, slots: tuple[int, int] | None = None):
+def summed_token_loss(kernel, hidden_states, labels, *, slots: tuple[int, int] | None = None):
     """Σ over supervised tokens of the next-token cross-entropy, and their number.
 
     The same loss as `models.merge.causal_lm_loss` (times its count), with the LM head applied only
     where a target exists (see the module docstring).
 
     Args:
-      logits_fn: (..., embed) -> (..., vocab) float32, the LM head (`Decoder.logits`).
+      kernel: (embed, vocab), the LM head (`Decoder.head_kernel`): logits = hidden @ kernel, in float32.
       hidden_states: (batch, length, embed), after the final norm.
       labels: (batch, length), IGNORE_INDEX where unsupervised.
       slots: None: the head on every position; (groups, per_group): the rows split into `groups` runs
@@ -212,10 +212,40 @@ def summed_token_loss(logits_fn, hidden_states, labels, *, slots: tuple[int, int
         order = jnp.argsort(~valid, axis=1, stable=True)[:, :per_group]
         pick = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
         hidden, targets, valid = pick(hidden), pick(targets), pick(valid)
-    logits = logits_fn(hidden)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    total = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0).sum()
+    valid = valid.reshape(-1)
+    targets = jnp.where(valid, targets.reshape(-1), 0)
+    total = head_cross_entropy(kernel, hidden.reshape(-1, hidden.shape[-1]).astype(kernel.dtype), targets, valid)
     return total, count
+
+
+@jax.custom_vjp
+def head_cross_entropy(kernel, hidden, targets, valid):
+    """Σ over the `valid` rows of -log softmax(hidden @ kernel)[target], the logits in float32.
+
+    kernel (embed, vocab), hidden (n, embed), targets and valid (n,). The gradient is written out
+    (softmax minus one-hot, then two plain matmuls): differentiated automatically, XLA:CPU builds the
+    one-hot by a scatter and the kernel's gradient from a transposed copy of the (n, vocab) gradient,
+    which takes twice as long.
+    """
+    return _head_forward(kernel, hidden, targets, valid)[0]
+
+
+def _head_forward(kernel, hidden, targets, valid):
+    logits = (hidden @ kernel).astype(jnp.float32)
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return jnp.where(valid, log_norm - picked, 0.0).sum(), (kernel, hidden, logits, log_norm, targets, valid)
+
+
+def _head_backward(residuals, cotangent):
+    kernel, hidden, logits, log_norm, targets, valid = residuals
+    one_hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
+    weight = jnp.where(valid, cotangent, 0.0)[:, None]
+    grad_logits = ((jnp.exp(logits - log_norm[:, None]) - one_hot) * weight).astype(hidden.dtype)
+    return (hidden.T @ grad_logits).astype(kernel.dtype), (grad_logits @ kernel.T).astype(hidden.dtype), None, None
+
+
+head_cross_entropy.defvjp(_head_forward, _head_backward)
 
 
 def _forward(model, inputs, *, slots, deterministic, rngs=None):
@@ -224,7 +254,7 @@ def _forward(model, inputs, *, slots, deterministic, rngs=None):
         inputs["volume"], inputs["input_ids"], inputs["attention_mask"], None,
         inputs.get("question_ids"), inputs.get("question_mask"), deterministic=deterministic, rngs=rngs,
     )
-    total, count = summed_token_loss(model.llm.logits, out.hidden_states, inputs["labels"], slots=slots)
+    total, count = summed_token_loss(model.llm.head_kernel(), out.hidden_states, inputs["labels"], slots=slots)
     return total, count, out.slice_scores
 
 
