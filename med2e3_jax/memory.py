@@ -215,7 +215,8 @@ def estimate(config, *, mesh_shape: dict[str, int] | None = None) -> MemoryEstim
     vision = slice_tokens * slices * (v2.hidden_size + 2 * embed) if "vision2d" in counts else 0
     vision += config_lib.num_vision_tokens(model) * embed
     parts["vision_tokens"] = int(rows * vision * act)
-    # float32 logits and their gradient on the supervised slots only (train/step.py).
+    # float32 logits and their gradient on the supervised slots only (train/step.py): a quarter of the
+    # positions, which answers and captions fit in; a batch with more targets takes more slots.
     parts["lm_head"] = int(rows * step_lib.target_slots(length) * llm.vocab_size * 4 * 2 / tensor)
     parts["layer_working_set"] = max(working_sets)
     return MemoryEstimate(

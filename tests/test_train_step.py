@@ -119,13 +119,15 @@ def test_head_slots_pool_each_micro_batch_and_shard_onto_a_rung_of_the_ladder():
     assert target_slots(40) == 16 and slot_rungs(28) == [8, 12, 16, 24, 32]
     assert head_slots(labels) == (1, 32)  # 28 targets in one group
     assert head_slots(labels, micro_batches=2) == (1, 24)  # rows 0 and 2 (20), rows 1 and 3 (8)
-    assert head_slots(labels, micro_batches=4) is None  # row 2 alone: 20 > 16 slots per row
+    assert head_slots(labels, micro_batches=4) == (1, 24)  # row 2 alone: 20 targets
+    assert head_slots(np.full((4, 40), 7)) is None  # 156 targets: the rung, 192, is every position and more
+    assert head_slots(np.full((4, 40), 7), micro_batches=4) is None  # 39 targets a row: rung 48
     assert head_slots(labels[:2]) == (1, 8)
     one_shard = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     assert head_slots(labels, mesh=one_shard) == (1, 32)
     abstract = jax.ShapeDtypeStruct((4, 40), jnp.int32)
     assert head_slots(abstract) == (1, 64) and head_slots(abstract, micro_batches=2) == (1, 32)
-    assert head_slots(np.full((2, 10), 7)) is None  # 16 slots per row hold all 9 positions: no pooling
+    assert head_slots(np.full((2, 10), 7)) is None  # 18 targets: rung 24, more than the 18 positions
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
@@ -134,9 +136,9 @@ def test_head_slots_pool_within_batch_shards():
     for row, targets in enumerate((0, 5, 20, 3, 1, 1, 16, 16)):
         labels[row, 40 - targets:] = 7
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2, 1), ("data", "fsdp", "tensor"))
-    assert head_slots(labels, mesh=mesh) == (4, 32)  # pairs of rows: 5, 23, 2 and 32, which fits 2 x 16
-    # Micro-batch 0 is rows 0, 2, 4 and 6, one per shard: row 2's 20 targets exceed its 16 slots.
-    assert head_slots(labels, mesh=mesh, micro_batches=2) is None
+    assert head_slots(labels, mesh=mesh) == (4, 32)  # pairs of rows: 5, 23, 2 and 32 targets
+    # Micro-batch 0 is rows 0, 2, 4 and 6, one per shard: row 2's 20 targets need rung 24.
+    assert head_slots(labels, mesh=mesh, micro_batches=2) == (4, 24)
     assert head_slots(labels[:6], mesh=mesh) == (2, 32)  # 6 rows over 4 shards: 2 groups of 3 rows, 25 and 5
 
 

@@ -11,9 +11,9 @@ vision tokens, question and padding, and the head (embed x vocab, vocab 32064) o
 then most of the step's work at small widths. The rows of a micro-batch are pooled into one group per
 batch shard (one group without a mesh), and each group's targets are gathered into a number of slots
 taken from a short ladder (static shapes: one compiled variant per rung used), so a batch pays for the
-targets it has, not for its longest answer times its rows. A group with more targets than a quarter
-of its positions takes the all-positions path instead; `head_slots` decides on the host, and the loss
-is the same either way.
+targets it has, not for its longest answer times its rows; a group whose rung would reach its number of
+positions takes the all-positions path instead. `head_slots` decides on the host, and the loss is the
+same either way.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def lower_train_step(model, optimizer, batch, dropout_key, *, micro_batches: int
     """`jax.stages.Lowered` of the step (e.g. `.compile().cost_analysis()` for its FLOPs).
 
     The model, optimizer and batch may be abstract (`jax.ShapeDtypeStruct`s, with shardings): the step
-    is then lowered with the most LM-head slots a batch that fits them can use (`head_slots`).
+    is then lowered with `target_slots` LM-head slots per row (`head_slots`).
     """
     inputs = _model_inputs(batch, micro_batches)
     graphdef, state = nnx.split((model, optimizer))
@@ -115,9 +115,9 @@ def slice_score_entropy(scores):
 
 
 def target_slots(length: int) -> int:
-    """Most slots per row for the supervised positions of prompts `length` long: a quarter of the
-    positions (a multiple of 8, at least 16), which answers and captions fit in beside 512 vision tokens.
-    `head_slots` pools rows, so a batch uses this many per row at most (`memory.estimate` counts it)."""
+    """LM-head slots per row that `memory.estimate` plans for and abstract lowering assumes, for prompts
+    `length` long: a quarter of the positions (a multiple of 8, at least 16), which answers and captions
+    fit in beside 512 vision tokens. A batch with more targets takes more (`head_slots`)."""
     return min(length - 1, max(16, -(-(length - 1) // 32) * 8))
 
 
@@ -146,28 +146,27 @@ def head_slots(labels, *, micro_batches: int = 1, mesh: Mesh | None = None) -> t
 
     Each micro-batch's rows (`_split_micro_batches`) are split into `batch_groups` runs of consecutive
     rows; the slots are the smallest rung of `slot_rungs` that holds the targets of the fullest run, and
-    None when that run has more than `target_slots` per row. Decided on the host, from this process's rows
+    None when that rung is not smaller than a run's number of positions. Decided on the host, from this process's rows
     and, with several processes, all of theirs, so that the step needs no `lax.cond`: under XLA:CPU a
     cond around the head costs more than the head.
 
     Args:
       labels: (batch, length) numpy or jax array (a global array: this process's shards are read), or a
-        `jax.ShapeDtypeStruct` (lowering on abstract inputs: the most slots a batch that fits can use).
+        `jax.ShapeDtypeStruct` (lowering on abstract inputs: `target_slots` per row).
       micro_batches: gradient accumulation steps (the step splits `labels` into them).
       mesh: the mesh the batch is split over, if any.
     """
     rows, length = labels.shape
     micro_rows = rows // micro_batches
     groups = batch_groups(micro_rows, mesh)
-    cap = micro_rows // groups * target_slots(length)
-    if cap >= micro_rows // groups * (length - 1):
-        return None
+    positions = micro_rows // groups * (length - 1)
     if isinstance(labels, jax.ShapeDtypeStruct):
-        return groups, cap
-    counts = _row_target_counts(labels)
-    runs = counts.reshape(micro_rows, micro_batches).T.reshape(micro_batches, groups, -1).sum(axis=-1)
-    most = int(runs.max(initial=0))
-    return (groups, min(slot_rungs(most)[-1], cap)) if most <= cap else None
+        slots = micro_rows // groups * target_slots(length)
+    else:
+        counts = _row_target_counts(labels)
+        runs = counts.reshape(micro_rows, micro_batches).T.reshape(micro_batches, groups, -1).sum(axis=-1)
+        slots = slot_rungs(int(runs.max(initial=0)))[-1]
+    return (groups, slots) if slots < positions else None
 
 
 def _row_target_counts(labels) -> np.ndarray:
