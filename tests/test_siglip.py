@@ -70,7 +70,8 @@ def test_tower_matches_hf_last_encoder_layer(hf_and_ours):
 def test_grey_image_equals_hf_on_the_image_copied_to_every_channel(hf_and_ours):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    torch_model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY_HF, attn_implementation="eager"))
+    hf_config = transformers.SiglipVisionConfig(**TINY_HF, attn_implementation="eager")
+    torch_model = transformers.SiglipVisionModel(hf_config)
     torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in hf_and_ours["state"].items()})
     grey = hf_and_ours["pixels"][..., :1]
     with torch.no_grad():

@@ -107,7 +107,10 @@ def test_lm_head_on_the_target_positions_only_gives_the_loss_of_every_position()
     # The head's hand-written gradient against automatic differentiation of the plain loss.
     want = jax.grad(lambda w, h: causal_lm_loss(h @ w, labels)[0] * 28, argnums=(0, 1))(head, hidden)
     for slots in ((2, 24), None):
-        got = jax.grad(lambda w, h, s=slots: summed_token_loss(w, h, labels, slots=s)[0], argnums=(0, 1))(head, hidden)
+        def loss_fn(w, h, s=slots):
+            return summed_token_loss(w, h, labels, slots=s)[0]
+
+        got = jax.grad(loss_fn, argnums=(0, 1))(head, hidden)
         for name, g, w in zip(("kernel", "hidden"), got, want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"{name}, slots={slots}")
 
@@ -130,7 +133,7 @@ def test_head_slots_pool_each_micro_batch_and_shard_onto_a_rung_of_the_ladder():
     assert head_slots(np.full((2, 10), 7)) is None  # 18 targets: rung 24, more than the 18 positions
 
 
-@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (scripts/test.sh sets 8 CPU devices)")
 def test_head_slots_pool_within_batch_shards():
     labels = np.full((8, 40), -100)
     for row, targets in enumerate((0, 5, 20, 3, 1, 1, 16, 16)):

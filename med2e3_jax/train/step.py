@@ -60,8 +60,9 @@ def train_step(model, optimizer, batch, dropout_key, *, micro_batches: int = 1) 
     # on every call, which costs as much as a tiny model's whole step.
     graphdef, state = nnx.split((model, optimizer))
     mesh = _mesh_of(inputs)
+    slots = head_slots(inputs["labels"], micro_batches=micro_batches, mesh=mesh)
     state, metrics = _train_step(_GraphKey(graphdef), state, inputs, dropout_key, micro_batches=micro_batches,
-                                 mesh=mesh, slots=head_slots(inputs["labels"], micro_batches=micro_batches, mesh=mesh))
+                                 mesh=mesh, slots=slots)
     nnx.update((model, optimizer), state)
     return metrics
 
@@ -75,8 +76,9 @@ def lower_train_step(model, optimizer, batch, dropout_key, *, micro_batches: int
     inputs = _model_inputs(batch, micro_batches)
     graphdef, state = nnx.split((model, optimizer))
     mesh = _mesh_of(inputs)
+    slots = head_slots(inputs["labels"], micro_batches=micro_batches, mesh=mesh)
     return _train_step.lower(_GraphKey(graphdef), state, inputs, dropout_key, micro_batches=micro_batches,
-                             mesh=mesh, slots=head_slots(inputs["labels"], micro_batches=micro_batches, mesh=mesh))
+                             mesh=mesh, slots=slots)
 
 
 class _GraphKey:
@@ -146,9 +148,9 @@ def head_slots(labels, *, micro_batches: int = 1, mesh: Mesh | None = None) -> t
 
     Each micro-batch's rows (`_split_micro_batches`) are split into `batch_groups` runs of consecutive
     rows; the slots are the smallest rung of `slot_rungs` that holds the targets of the fullest run, and
-    None when that rung is not smaller than a run's number of positions. Decided on the host, from this process's rows
-    and, with several processes, all of theirs, so that the step needs no `lax.cond`: under XLA:CPU a
-    cond around the head costs more than the head.
+    None when that rung is not smaller than a run's number of positions. Decided on the host, from this
+    process's rows and, with several processes, all of theirs, so that the step needs no `lax.cond`:
+    under XLA:CPU a cond around the head costs more than the head.
 
     Args:
       labels: (batch, length) numpy or jax array (a global array: this process's shards are read), or a
@@ -205,8 +207,7 @@ def summed_token_loss(kernel, hidden_states, labels, *, slots: tuple[int, int] |
     count = valid.sum()
     if slots is not None:
         groups, per_group = slots
-        pooled = lambda x: x.reshape(groups, -1, *x.shape[2:])  # noqa: E731
-        hidden, targets, valid = pooled(hidden), pooled(targets), pooled(valid)
+        hidden, targets, valid = (x.reshape(groups, -1, *x.shape[2:]) for x in (hidden, targets, valid))
         # Each run's supervised positions first, in order (a stable sort of "not valid").
         order = jnp.argsort(~valid, axis=1, stable=True)[:, :per_group]
         pick = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
