@@ -34,6 +34,13 @@ lesion, the scan's thirds from the top, sizes ascending), so the letter follows 
 choices offered (for presence and size, from the answer alone): a model that reads the answer from the
 scan then needs little symbol matching to name its letter.
 
+Contrast (`contrast`): "plain" (the default) draws the organs as on a non-contrast scan — liver, spleen
+and kidneys within 25 HU of the soft tissue around them, so at M3D's window of -1000 to 1000 HU they
+hardly show — and lesions of any size 40-150 HU from their organ; "enhanced" draws the organs as in a
+portal-venous phase (CONTRAST_ENHANCED_HU) and every lesion outside the lungs at least
+MIN_CONSPICUOUS_MM across and far from its organ (CONSPICUOUS_HU), so that a small model trained for
+minutes can see both (the quick start's set). Lung lesions are conspicuous either way.
+
 Everything is deterministic from the seed: volume i's anatomy, noise and texts depend on (seed, i) only.
 
 Output (image_root = `out`):
@@ -97,6 +104,10 @@ BODY_SEMI_AXES = (0.32, 0.44)  # (u, v) of the body's elliptic cross-section
 FAT_THICKNESS = 0.08  # fraction of the body's semi-axes that is subcutaneous fat
 FAT_HU, SOFT_TISSUE_HU = -100.0, 40.0
 SPINE = ((0.70, 0.50), 0.04, 400.0)  # centre (u, v), radius, HU
+CONTRASTS = ("plain", "enhanced")
+CONTRAST_ENHANCED_HU = {"heart": 150.0, "liver": 110.0, "spleen": 120.0, "right kidney": 160.0, "left kidney": 160.0}
+MIN_CONSPICUOUS_MM = 20.0  # "enhanced": every lesion at least this long (up to 20 draws, else none)
+CONSPICUOUS_HU = {"hypodense": (300.0, 500.0), "hyperdense": (400.0, 600.0)}  # below / above the organ
 
 SIZE_CLASSES = (  # (name, smallest diameter mm, largest diameter mm)
     ("under 2 cm", 0.0, 20.0),
@@ -166,8 +177,8 @@ def _size_class(diameter_mm: float) -> str:
     return next(name for name, lo, hi in SIZE_CLASSES if diameter_mm < hi or hi == SIZE_CLASSES[-1][2])
 
 
-def sample_phantom(rng: np.random.Generator, *, shape, source_shape) -> Phantom:
-    """Draw one phantom's anatomy and lesions.
+def sample_phantom(rng: np.random.Generator, *, shape, source_shape, contrast: str = "plain") -> Phantom:
+    """Draw one phantom's anatomy and lesions (`contrast`: one of CONTRASTS, see the module docstring).
 
     Every lesion is visible at both resolutions: its centre sits on a voxel centre of the `shape` grid,
     and each semi-axis is at least one `source_shape` voxel, so the source voxel nearest the centre lies
@@ -187,7 +198,8 @@ def sample_phantom(rng: np.random.Generator, *, shape, source_shape) -> Phantom:
         organs[name] = Ellipsoid(
             centre_mm=((t - start) * BODY_LENGTH_MM, u * fov[1], v * fov[2]),
             semi_axes_mm=tuple(float(s) for s in semi * (BODY_LENGTH_MM, fov[1], fov[2])),
-            hu=float(organ.hu + rng.uniform(-5.0, 5.0)),
+            hu=float(CONTRAST_ENHANCED_HU.get(name, organ.hu) if contrast == "enhanced" else organ.hu)
+            + float(rng.uniform(-5.0, 5.0)),
         )
 
     source_spacing = _spacing(fov, source_shape)
@@ -201,7 +213,10 @@ def sample_phantom(rng: np.random.Generator, *, shape, source_shape) -> Phantom:
         if sum(f.organ == name for f in findings) >= 2:
             continue
         organ = organs[name]
-        finding = _sample_finding(rng, name, organ, source_spacing, model_spacing, fov)
+        if contrast == "enhanced":
+            finding = _conspicuous_finding(rng, name, organ, source_spacing, model_spacing, fov)
+        else:
+            finding = _sample_finding(rng, name, organ, source_spacing, model_spacing, fov)
         if finding is None:
             continue
         if any(_overlap(finding.ellipsoid, f.ellipsoid) for f in findings):
@@ -236,6 +251,23 @@ def _sample_finding(rng, name, organ: Ellipsoid, source_spacing, model_spacing, 
     diameter = float(round(2 * radius * float(np.max(aspect))))  # whole mm: the texts' number fixes the class
     ellipsoid = Ellipsoid(tuple(float(c) for c in centre), tuple(float(a) for a in radius * aspect), float(hu))
     return Finding(name, kind, shape, diameter, _size_class(diameter), ellipsoid)
+
+
+def _conspicuous_finding(rng, name, organ: Ellipsoid, *grid) -> Finding | None:
+    """A lesion of at least MIN_CONSPICUOUS_MM (a plain draw, up to 20 times), then, outside the lungs,
+    redrawn CONSPICUOUS_HU below or above its organ."""
+    for _ in range(20):
+        finding = _sample_finding(rng, name, organ, *grid)
+        if finding is None or finding.diameter_mm >= MIN_CONSPICUOUS_MM:
+            break
+    else:
+        return None
+    if finding is None or organ.hu < AIR_HU / 2:
+        return finding
+    low, high = CONSPICUOUS_HU[finding.kind]
+    step = float(rng.uniform(low, high))
+    hu = organ.hu - step if finding.kind == "hypodense" else organ.hu + step
+    return dataclasses.replace(finding, ellipsoid=dataclasses.replace(finding.ellipsoid, hu=hu))
 
 
 def _overlap(a: Ellipsoid, b: Ellipsoid) -> bool:
@@ -554,12 +586,14 @@ def generate(
     source_shape: Sequence[int] | None = None,
     formats: Sequence[str] = ("npy", "nifti"),
     choice_order: str = "shuffled",
+    contrast: str = "plain",
 ) -> dict:
     """Write `num` phantoms with their texts and ground truth under `out`; returns the ground truth.
 
     `shape` is the model resolution (the `.npy` volumes and every slice index); `source_shape` the
     NIfTI's, by default twice as many slices as `shape` at the same in-plane size. `choice_order`
-    (CHOICE_ORDERS) lists closed choices in letters dealt evenly over A-D, or in their natural order.
+    (CHOICE_ORDERS) lists closed choices in letters dealt evenly over A-D, or in their natural order;
+    `contrast` (CONTRASTS) draws plain or contrast-enhanced organs and subtle or conspicuous lesions.
     """
     shape = tuple(int(s) for s in shape)
     source_shape = tuple(int(s) for s in (source_shape or (2 * shape[0], shape[1], shape[2])))
@@ -570,6 +604,8 @@ def generate(
         raise ValueError(f"num must be at least 1, got {num}")
     if choice_order not in CHOICE_ORDERS:
         raise ValueError(f"choice_order must be one of {CHOICE_ORDERS}, got {choice_order!r}")
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
     unknown = set(formats) - {"npy", "nifti"}
     if unknown or not formats:
         raise ValueError(f"formats must be a non-empty subset of ('npy', 'nifti'), got {formats}")
@@ -584,7 +620,7 @@ def generate(
     volumes, texts = [], []
     for index in range(num):
         volume_id = f"phantom_{index:05d}"
-        phantom = sample_phantom(_rng(seed, index, 0), shape=shape, source_shape=source_shape)
+        phantom = sample_phantom(_rng(seed, index, 0), shape=shape, source_shape=source_shape, contrast=contrast)
         model = render(phantom, shape, _rng(seed, index, 1))
         paths = {"npy": f"npy/{volume_id}.npy", "nifti": f"nifti/{volume_id}.nii.gz"}
         if "npy" in formats:
@@ -715,10 +751,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=("npy", "nifti", "both"), default="both")
     parser.add_argument("--choice-order", choices=CHOICE_ORDERS, default="shuffled",
                         help="closed VQA: letters dealt evenly over A-D, or choices in their natural order")
+    parser.add_argument("--contrast", choices=CONTRASTS, default="plain",
+                        help="plain organs and subtle lesions, or enhanced organs and conspicuous lesions")
     args = parser.parse_args(argv)
     formats = ("npy", "nifti") if args.format == "both" else (args.format,)
     truth = generate(args.out, num=args.num, seed=args.seed, shape=args.shape, source_shape=args.source_shape,
-                     formats=formats, choice_order=args.choice_order)
+                     formats=formats, choice_order=args.choice_order, contrast=args.contrast)
     findings = sum(len(v["findings"]) for v in truth["volumes"])
     print(f"wrote {len(truth['volumes'])} phantoms ({findings} lesions, formats {', '.join(formats)}) to {args.out}")
     return 0

@@ -320,3 +320,30 @@ def test_answer_slices_hold_after_preprocessing_the_nifti(tmp_path):
             assert mass[lo : hi + 1].sum() >= 0.6 * mass.sum()  # 0.74 at worst over 58 lesions
             checked += 1
     assert checked >= 5
+
+
+def test_enhanced_contrast_draws_enhanced_organs_and_conspicuous_lesions():
+    enhanced_hu = {"heart": 150.0, "liver": 110.0, "spleen": 120.0, "right kidney": 160.0, "left kidney": 160.0}
+    plain_hu = {"right lung": -820.0, "left lung": -820.0, "heart": 40.0, "liver": 60.0, "spleen": 50.0,
+                "right kidney": 30.0, "left kidney": 30.0, "bladder": 10.0}
+    lesions = collections.Counter()
+    for index in range(40):
+        plain, enhanced = (synthetic.sample_phantom(np.random.default_rng([1, index]), shape=(32, 64, 64),
+                                                    source_shape=(64, 64, 64), contrast=contrast)
+                           for contrast in ("plain", "enhanced"))
+        for name, hu in plain_hu.items():
+            assert abs(plain.organs[name].hu - hu) <= 5
+            assert abs(enhanced.organs[name].hu - enhanced_hu.get(name, hu)) <= 5
+        for finding in enhanced.findings:
+            assert finding.diameter_mm >= 20
+            if finding.organ.endswith("lung"):
+                continue
+            step = finding.ellipsoid.hu - enhanced.organs[finding.organ].hu
+            if finding.kind == "hypodense":
+                assert -500 <= step <= -300
+            else:
+                assert 400 <= step <= 600
+            lesions[finding.kind] += 1
+    assert min(lesions.values()) >= 10 and len(lesions) == 2
+    with pytest.raises(ValueError, match=r"contrast must be one of \('plain', 'enhanced'\)"):
+        synthetic.generate("/nonexistent", num=1, contrast="arterial")
