@@ -36,7 +36,7 @@ scan then needs little symbol matching to name its letter.
 
 Contrast (`contrast`): "plain" (the default) draws the organs as on a non-contrast scan — liver, spleen
 and kidneys within 25 HU of the soft tissue around them, so at M3D's window of -1000 to 1000 HU they
-hardly show — and lesions of any size 40-150 HU from their organ; "enhanced" draws the organs as in a
+hardly show — and lesions of any size 40-160 HU from their organ; "enhanced" draws the organs as in a
 portal-venous phase (CONTRAST_ENHANCED_HU) and every lesion outside the lungs at least
 MIN_CONSPICUOUS_MM across and far from its organ (CONSPICUOUS_HU), so that a small model trained for
 minutes can see both (the quick start's set). Lung lesions are conspicuous either way.
@@ -184,6 +184,8 @@ def sample_phantom(rng: np.random.Generator, *, shape, source_shape, contrast: s
     and each semi-axis is at least one `source_shape` voxel, so the source voxel nearest the centre lies
     inside it too (its normalised distance is at most sqrt(3) / 2).
     """
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
     length = rng.uniform(0.6, 1.0)
     start = rng.uniform(0.0, 1.0 - length)
     fov = (length * BODY_LENGTH_MM, INPLANE_FOV_MM, INPLANE_FOV_MM)
