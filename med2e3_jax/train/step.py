@@ -173,14 +173,17 @@ def head_slots(labels, *, micro_batches: int = 1, mesh: Mesh | None = None) -> t
 
 def _row_target_counts(labels) -> np.ndarray:
     """(batch,) supervised positions per row (the first position is never a target)."""
+    def per_row(rows):
+        return (np.asarray(rows)[:, 1:] != IGNORE_INDEX).sum(axis=1)
+
     if not isinstance(labels, jax.Array):
-        return (np.asarray(labels)[:, 1:] != IGNORE_INDEX).sum(axis=1)
+        return per_row(labels)
     # A global array: each process sees its shards' rows; a row nobody here holds counts 0, and the
     # elementwise max over processes fills it in (a row held twice has the same count both times).
     counts = np.zeros(labels.shape[0], np.int32)
     for shard in labels.addressable_shards:
         rows = shard.index[0]
-        counts[rows] = np.maximum(counts[rows], (np.asarray(shard.data)[:, 1:] != IGNORE_INDEX).sum(axis=1))
+        counts[rows] = np.maximum(counts[rows], per_row(shard.data))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
