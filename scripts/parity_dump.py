@@ -1,6 +1,6 @@
 """Runs the JAX Med-2E3 on a golden-format fixture and writes every tensor its outputs.npz lists.
 
-    python scripts/parity_dump.py --fixture ../shared/fixtures/med2e3_public --out /tmp/ours.npz
+    python scripts/parity_dump.py --fixture tests/fixtures/med2e3_public --out /tmp/ours.npz
 
 Float32 with the highest matmul precision; the names and shapes are the fixture's, so the two files
 compare tensor by tensor. With the fixture's outputs.npz present, a comparison table is printed.

@@ -1,12 +1,11 @@
 """BERT question encoder: parity with HF `BertModel` and with M3D-CLIP's `language_encoder` in the fixture."""
 
 import json
-import os
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from assets_for_tests import PUBLIC_FIXTURE as FIXTURE
 from flax import nnx
 from torch_weights_for_tests import randomize
 
@@ -15,9 +14,6 @@ from med2e3_jax.checkpoint.importer import export_pytorch, load_pytorch
 from med2e3_jax.checkpoint.port import DictSource
 from med2e3_jax.models.bert import BertEncoder
 
-FIXTURE = pathlib.Path(
-    os.environ.get("MED2E3_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures")
-) / "med2e3_public"
 FIXTURE_PREFIX = "vision3d_model.vision3d_encoder.language_encoder."
 
 # head_dim 12 is not a power of two: transformers 4.x divides the scores by sqrt(12), 5.x multiplies by
@@ -115,7 +111,6 @@ def test_config_fills_hf_defaults_and_rejects_relative_positions():
         bert_config_from_hf({"position_embedding_type": "relative_key"})
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason=f"golden fixture not found at {FIXTURE}")
 def test_question_cls_and_pooler_match_authors_code():
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     config = json.loads((FIXTURE / "config.json").read_text())

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from assets_for_tests import PUBLIC_FIXTURE
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -19,7 +20,7 @@ from med2e3_jax.models.med2e3 import Med2E3
 from med2e3_jax.parity import load_fixture_model
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
-FIXTURE = os.path.join(REPO, "..", "shared", "fixtures", "med2e3_public")
+FIXTURE = str(PUBLIC_FIXTURE)
 WEIGHTS = os.path.join(FIXTURE, "model.safetensors")
 
 

@@ -1,12 +1,11 @@
 """The MLP connectors and the 3D spatial pooling, against torch and the golden fixtures."""
 
 import json
-import os
-import pathlib
 
 import jax
 import numpy as np
 import pytest
+from assets_for_tests import FIXTURES_ROOT
 from flax import nnx
 
 from med2e3_jax.checkpoint.connector_port import CONNECTOR_TABLE
@@ -16,9 +15,6 @@ from med2e3_jax.models.connectors import MLPConnector, spatial_avg_pool
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-FIXTURES_ROOT = pathlib.Path(
-    os.environ.get("MED2E3_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures")
-)
 FIXTURE_DIRS = sorted(p.parent for p in FIXTURES_ROOT.glob("*/model.safetensors"))
 TOL = dict(atol=1e-5, rtol=1e-5)
 

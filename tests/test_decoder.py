@@ -2,12 +2,12 @@
 
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from assets_for_tests import PUBLIC_FIXTURE
 from flax import nnx
 
 from med2e3_jax.checkpoint.importer import export_pytorch, load_pytorch
@@ -19,7 +19,7 @@ from med2e3_jax.models.rope import RotaryEmbedding
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-FIXTURE = pathlib.Path("/work/shared/fixtures/med2e3_public")
+FIXTURE = PUBLIC_FIXTURE
 VOCAB = 300
 ORIGINAL_MAX = 32  # LongRoPE switch length: small, so that the long regime is cheap to reach
 

@@ -4,10 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from assets_for_tests import PUBLIC_FIXTURE
 
 from med2e3_jax.parity import run_fixture
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "med2e3_public")
+FIXTURE = str(PUBLIC_FIXTURE)
 REFERENCE = dict(np.load(os.path.join(FIXTURE, "outputs.npz")))
 
 

@@ -1,12 +1,11 @@
 """SigLIP slice encoder: parity with HF `SiglipVisionModel` and with the authors' Med-2E3 forward."""
 
 import json
-import os
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from assets_for_tests import PUBLIC_FIXTURE as FIXTURE
 from flax import nnx
 from torch_weights_for_tests import randomize
 
@@ -15,9 +14,6 @@ from med2e3_jax.checkpoint.port import DictSource
 from med2e3_jax.checkpoint.siglip_port import SIGLIP_TABLE, siglip_config_from_hf
 from med2e3_jax.models.siglip import SiglipVisionTower
 
-FIXTURE = pathlib.Path(
-    os.environ.get("MED2E3_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures")
-) / "med2e3_public"
 FIXTURE_PREFIX = "vision2d_model.vision2d_encoder.vision_model."
 
 TINY_HF = dict(
@@ -135,7 +131,6 @@ def _fold_slices(volume):
     return np.broadcast_to(images, (batch * slices, height, width, 3))
 
 
-@pytest.mark.skipif(not FIXTURE.exists(), reason=f"golden fixture not found at {FIXTURE}")
 def test_slice_tokens_match_authors_code():
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     config = json.loads((FIXTURE / "config.json").read_text())

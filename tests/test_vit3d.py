@@ -1,13 +1,12 @@
 """M3D-CLIP's 3D ViT against the golden fixtures (made with monai 1.3.2, which cannot run here)."""
 
 import json
-import os
-import pathlib
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from assets_for_tests import FIXTURES_ROOT
 from flax import nnx
 
 from med2e3_jax.checkpoint.importer import export_pytorch, load_pytorch
@@ -17,9 +16,6 @@ from med2e3_jax.models.vit3d import ViT3D
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-FIXTURES_ROOT = pathlib.Path(
-    os.environ.get("MED2E3_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures")
-)
 FIXTURE_DIRS = sorted(p.parent for p in FIXTURES_ROOT.glob("*/model.safetensors"))
 PREFIX = "vision3d_model.vision3d_encoder.vision_encoder."
 TOL = dict(atol=1e-5, rtol=1e-5)
