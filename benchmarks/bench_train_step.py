@@ -7,10 +7,11 @@ under the authors' module paths, so that the JAX weights load into it through th
 table. Before timing, both sides compute the loss of the same batch without dropout: the two figures
 must agree, which shows that the two sides compute the same thing.
 
-The JAX step applies the LM head to the supervised positions only (`train/step.py`), as a training
-step needs; transformers' `Phi3ForCausalLM` computes the logits of every position, as the authors'
-training does. That is the largest single difference at the tiny config, where the head (64 x 32064)
-outweighs the rest of the LLM.
+The JAX step applies the LM head to its slots (`models/lm_loss.py`: the supervised positions first, a
+static number of them per row from the config), as a training step needs; transformers'
+`Phi3ForCausalLM` computes the logits of every position, as the authors' training does. That is the
+largest single difference at the tiny config, where the head (128 x 32064) outweighs the rest of the
+LLM; the script prints the head's share of the step's FLOPs at the tiny and at the released size.
 
 Both sides train what the stage trains (the finetune stage by default: LLM, SigLIP, connectors, TG-IS;
 M3D-CLIP's ViT and BERT frozen and run without gradients), with AdamW after clipping the gradient norm.
@@ -67,6 +68,30 @@ def make_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     answers = rng.integers(8, 24, size=batch_size)  # answers of a few tens of tokens, as in VQA/captions
     return random_batch(config, batch_size, seed=seed, answer_lengths=answers)
+
+
+def head_share_configs(config, batch):
+    """{name: (config, batch)}: the benchmarked config and the released model at the authors' finetune."""
+    from configs import med2e3_m3d
+
+    released = med2e3_m3d.get_config("finetune")
+    return {"this config": (config, batch), "released model": (released, make_batch(released, 2))}
+
+
+def head_share(config, batch) -> tuple[float, float]:
+    """(the LM head's share of `model_flops` with the head on the supervised positions, its share with the
+    head on the slots the step's layout computes: at least `head_slots_per_row` a row)."""
+    from med2e3_jax.flops import model_flops_by_part
+    from med2e3_jax.models.lm_loss import default_slots_per_row
+
+    parts = model_flops_by_part(config.model, batch, set(config.train.trainable))
+    rows, length = batch["labels"].shape
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    per_row = config.train.head_slots_per_row
+    per_row = default_slots_per_row(length) if per_row == -1 else per_row or length - 1
+    computed = parts["lm_head"] * max(rows * per_row, targets) / max(targets, 1)
+    total = sum(parts.values())
+    return parts["lm_head"] / total, computed / (total - parts["lm_head"] + computed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,15 +334,19 @@ def main():
     key = jax.random.key(0)
     jax_inputs = jax.device_put(inputs)
 
+    step = train_step_lib.make_train_step(model, optimizer, micro_batches=args.micro_batches,
+                                          head_slots_per_row=config.train.head_slots_per_row,
+                                          head_chunk=config.train.head_chunk)
+
     def jax_step():
-        metrics = train_step_lib.train_step(model, optimizer, jax_inputs, key, micro_batches=args.micro_batches)
-        return float(metrics["loss"])  # waits for the step
+        return float(step(jax_inputs, key)["loss"])  # waits for the step
 
     start = time.perf_counter()
     jax_step()
     print(f"jax compile + first step: {time.perf_counter() - start:.1f} s")
     compiled = train_step_lib.lower_train_step(
-        model, optimizer, jax_inputs, key, micro_batches=args.micro_batches
+        model, optimizer, jax_inputs, key, micro_batches=args.micro_batches,
+        head_slots_per_row=config.train.head_slots_per_row, head_chunk=config.train.head_chunk,
     ).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -351,6 +380,10 @@ def main():
     from med2e3_jax.flops import model_flops
 
     analytic = model_flops(config.model, batch, set(config.train.trainable))
+    for name, (cfg, head_batch) in head_share_configs(config, batch).items():
+        share, computed = head_share(cfg, head_batch)
+        print(f"LM head share of the model FLOPs, {name}: {share:.1%} on the supervised positions, {computed:.1%} "
+              f"on the slots the step computes (train.head_slots_per_row={cfg.train.head_slots_per_row})")
     print(f"model FLOPs per step: {analytic:.3e} (from the config; see model_flops), "
           f"achieved {analytic / jax_s:.3e} FLOP/s")
     print(f"XLA cost analysis of the compiled step: {flops:.3e} FLOPs (every op, elementwise included, and "

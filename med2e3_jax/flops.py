@@ -13,7 +13,12 @@ def model_flops(cfg, batch, trainable) -> float:
     """Matmul FLOPs of one training step, counted from the config: 2 per multiply-add forward, twice
     that again backward for the trainable towers (input and weight gradients); the frozen encoders run
     forward only. The LM head counts on the supervised positions (the only ones whose logits the loss
-    needs, and the only ones the step computes); attention scores and values count as matmuls."""
+    needs); attention scores and values count as matmuls."""
+    return sum(model_flops_by_part(cfg, batch, trainable).values())
+
+
+def model_flops_by_part(cfg, batch, trainable) -> dict[str, float]:
+    """`model_flops` per part: each tower of `trainable_parts`' names, and `lm_head` apart from `llm`."""
     batch_size, length = batch["input_ids"].shape
     slices = config_lib.num_slices(cfg)
 
@@ -48,6 +53,8 @@ def model_flops(cfg, batch, trainable) -> float:
         "llm": llm.num_layers * batch_size * (
             length * (embed * (q_size + 2 * kv_size) + q_size * embed + 3 * embed * llm.intermediate_size)
             + 2 * length * length * q_size
-        ) + targets * embed * llm.vocab_size,
+        ),
+        "lm_head": targets * embed * llm.vocab_size,
     }
-    return sum(2 * m * (3 if name in trainable else 1) for name, m in macs.items())
+    return {name: 2 * m * (3 if name in trainable or (name == "lm_head" and "llm" in trainable) else 1)
+            for name, m in macs.items()}

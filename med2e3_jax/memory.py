@@ -41,6 +41,7 @@ from flax import nnx
 
 from med2e3_jax import config as config_lib
 from med2e3_jax import sharding
+from med2e3_jax.models.lm_loss import default_slots_per_row
 from med2e3_jax.models.med2e3 import Med2E3
 from med2e3_jax.models.rope import head_dim as llm_head_dim
 from med2e3_jax.train import state as state_lib
@@ -215,9 +216,13 @@ def estimate(config, *, mesh_shape: dict[str, int] | None = None) -> MemoryEstim
     vision = slice_tokens * slices * (v2.hidden_size + 2 * embed) if "vision2d" in counts else 0
     vision += config_lib.num_vision_tokens(model) * embed
     parts["vision_tokens"] = int(rows * vision * act)
-    # float32 logits and their gradient on the supervised slots only (train/step.py): a quarter of the
-    # positions, which answers and captions fit in; a batch with more targets takes more slots.
-    parts["lm_head"] = int(rows * step_lib.target_slots(length) * llm.vocab_size * 4 * 2 / tensor)
+    # float32 logits and their gradient where the LM head runs (models/lm_loss.py): the configured slots
+    # per row, at most one chunk of them at a time when the head is chunked.
+    slots_per_row = train.head_slots_per_row
+    head_positions = rows * (default_slots_per_row(length) if slots_per_row == -1 else slots_per_row or length - 1)
+    if train.head_chunk:
+        head_positions = min(head_positions, train.head_chunk)
+    parts["lm_head"] = int(head_positions * llm.vocab_size * 4 * 2 / tensor)
     parts["layer_working_set"] = max(working_sets)
     return MemoryEstimate(
         parameters=int(total * param_bytes / weight_split),
@@ -271,8 +276,10 @@ def lower_abstract_train_step(config, mesh) -> jax.stages.Lowered:
     model, optimizer = abstract_train_state(config, mesh)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
+    train = config.train
     return step_lib.lower_train_step(model, optimizer, abstract_batch(config, mesh), key,
-                                     micro_batches=config.train.micro_batches)
+                                     micro_batches=train.micro_batches, head_slots_per_row=train.head_slots_per_row,
+                                     head_chunk=train.head_chunk)
 
 
 def xla_memory(compiled: jax.stages.Compiled) -> dict[str, int]:

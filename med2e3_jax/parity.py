@@ -55,15 +55,16 @@ def run_fixture(fixture_dir: str) -> dict[str, np.ndarray]:
 
     @nnx.jit
     def forward(model, volume, input_ids, attention_mask, labels, question_ids, question_mask):
-        return model(volume, input_ids, attention_mask, labels, question_ids, question_mask)
+        return nnx.capture(model, nnx.Intermediate)(volume, input_ids, attention_mask, labels, question_ids,
+                                                    question_mask)
 
     with jax.default_matmul_precision("highest"):
-        out = forward(
+        out, intermediates = forward(
             model, jnp.asarray(inputs["vision3d"], jnp.float32), jnp.asarray(prompts.input_ids),
             jnp.asarray(prompts.attention_mask), jnp.asarray(prompts.labels),
             jnp.asarray(inputs["questions"], jnp.int32), jnp.asarray(inputs["questions_mask"], jnp.int32),
         )
-    tensors = {name: np.asarray(value) for name, value in out.intermediates.items()}
+    tensors = {".".join(map(str, path)): np.asarray(value[...]) for path, value in nnx.to_flat_state(intermediates)}
     tensors.update(
         vision_start=prompts.vision_start.astype(np.int64),
         inputs_embeds=np.asarray(out.inputs_embeds),

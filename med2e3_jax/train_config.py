@@ -38,8 +38,17 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
             grad_clip=1.0,
             global_batch_size=64 if pretrain else 128,
             micro_batches=1 if pretrain else 2,  # gradient accumulation
-            seed=0,
+            # The LM head (models/lm_loss.py): supervised positions per row it always computes, pooled per
+            # batch shard (-1: a quarter of the positions; 0: every position); a batch with more runs
+            # further chunks, none is dropped. head_chunk bounds the positions per head application (its
+            # float32 logits: chunk x vocab x 4 bytes per group), recomputed in the backward pass; 0: none.
+            head_slots_per_row=-1,
+            head_chunk=0,
             log_every=10,
+            # jax.transfer_guard_device_to_host level for the steps between log points: 'disallow_explicit'
+            # makes any read of the devices there an error (the loop never needs one).
+            transfer_guard="allow",
+            seed=0,
             checkpoint_every=500,
             keep_checkpoints=3,
             async_checkpointing=True,

@@ -121,9 +121,12 @@ def main(argv):
           f"{config.model.dtype}, remat {config.model.remat_policy}, attention {config.model.attention_impl}, "
           f"mesh {dict(mesh.shape)}", flush=True)
 
+    train_step = step_lib.make_train_step(model, optimizer, micro_batches=config.train.micro_batches,
+                                          head_slots_per_row=config.train.head_slots_per_row,
+                                          head_chunk=config.train.head_chunk)
+
     def step():
-        metrics = step_lib.train_step(model, optimizer, batch, key, micro_batches=config.train.micro_batches)
-        return float(metrics["loss"])  # waits for the step
+        return float(train_step(batch, key)["loss"])  # waits for the step
 
     start = time.perf_counter()
     loss = step()

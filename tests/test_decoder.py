@@ -13,7 +13,9 @@ from flax import nnx
 from med2e3_jax.checkpoint.importer import export_pytorch, load_pytorch
 from med2e3_jax.checkpoint.llm_port import LLM_TABLE, llm_config_from_hf
 from med2e3_jax.checkpoint.port import DictSource
+from med2e3_jax.config import IGNORE_INDEX
 from med2e3_jax.models.decoder import Decoder
+from med2e3_jax.models.lm_loss import HeadLayout, summed_token_loss
 from med2e3_jax.models.rope import RotaryEmbedding
 
 torch = pytest.importorskip("torch")
@@ -259,3 +261,26 @@ def test_decoder_reproduces_the_fixture_llm_logits_from_its_merged_embeddings():
     out = model(inputs_embeds=jnp.asarray(outputs["inputs_embeds"]), positions=jnp.asarray(positions),
                 attention_mask=jnp.asarray(mask))
     assert _max_error(out.logits, outputs["logits"], mask) < 1e-4
+
+
+# Every LM-head layout the trainer can take: every position; the targets first with room for all of them;
+# fewer slots than targets (the rest in chunks under a cond); chunked with and without slots; two groups.
+HEAD_LAYOUTS = [HeadLayout(), HeadLayout(slots=40), HeadLayout(slots=8), HeadLayout(slots=8, chunk=3),
+                HeadLayout(chunk=7), HeadLayout(groups=2, slots=6, chunk=4)]
+
+
+@pytest.mark.parametrize("name", ["phi3", "llama-gqa"])
+def test_loss_equals_transformers_causal_lm_loss_for_every_head_layout(name):
+    hf_model, model, _ = _models(name)
+    ids, mask = _right_padded_batch([20, 13, 17, 9], 20, seed=3)
+    labels = np.where(mask > 0, ids, IGNORE_INDEX)
+    labels[:, :6] = IGNORE_INDEX  # a prompt, as in Med-2E3: only the answers are supervised
+    with torch.no_grad():
+        want = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        labels=torch.from_numpy(labels)).loss.item()
+    hidden = _forward(model, ids, mask).hidden_states
+    kernel = model.head_kernel()
+    for layout in HEAD_LAYOUTS:
+        total, count = jax.jit(lambda k, h, lay=layout: summed_token_loss(k, h, jnp.asarray(labels), lay))(kernel, hidden)
+        assert int(count) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+        np.testing.assert_allclose(float(total) / int(count), want, rtol=1e-5, err_msg=str(layout))

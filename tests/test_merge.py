@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from med2e3_jax.config import IGNORE_INDEX, IMAGE3D_TOKEN_ID
-from med2e3_jax.models.merge import causal_lm_loss, expand_image_placeholder, merge_vision_tokens
+from med2e3_jax.models.merge import expand_image_placeholder, merge_vision_tokens
 
 P = IMAGE3D_TOKEN_ID
 I = IGNORE_INDEX
@@ -49,16 +49,3 @@ def test_vision_tokens_land_on_their_positions_in_order_and_padding_is_zero():
     vision = np.array([[[-1.0], [-2.0]]])
     merged = np.asarray(merge_vision_tokens(token_embeds, ids, mask, vision))
     np.testing.assert_array_equal(merged[0, :, 0], [1.0, -1.0, -2.0, 4.0, 0.0])
-
-
-def test_loss_equals_torch_cross_entropy_over_shifted_labels():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(2, 6, 11)).astype(np.float32)
-    labels = np.array([[I, I, 3, 4, I, 5], [I, 1, 2, I, I, I]])
-    loss, count = causal_lm_loss(logits, labels)
-    expected = torch.nn.functional.cross_entropy(
-        torch.from_numpy(logits[:, :-1]).reshape(-1, 11), torch.from_numpy(labels[:, 1:]).reshape(-1), ignore_index=I
-    )
-    assert int(count) == 5
-    np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-6)

@@ -9,6 +9,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from assets_for_tests import fetched  # noqa: E402
@@ -107,10 +108,11 @@ def test_tiny_med2e3_with_minilm_runs_a_forward_and_its_slice_scores_follow_the_
     batch = {key: jnp.asarray(np.stack([p[key] for p in prompts])) for key in prompts[0]}
     volume = np.random.default_rng(0).uniform(size=(1, 1, *cfg.vision3d.img_size)).astype(np.float32)
     ids, mask = questions
-    out = model(jnp.asarray(np.repeat(volume, 2, axis=0)), batch["input_ids"], batch["attention_mask"], batch["labels"],
-                jnp.asarray(ids[:2]), jnp.asarray(mask[:2]))
-    assert out.intermediates["text_pooler"].shape == (2, 384)
-    assert out.intermediates["text_mlp_out"].shape == (2, cfg.llm.hidden_size)
+    out, intermediates = nnx.capture(model, nnx.Intermediate)(
+        jnp.asarray(np.repeat(volume, 2, axis=0)), batch["input_ids"], batch["attention_mask"], batch["labels"],
+        jnp.asarray(ids[:2]), jnp.asarray(mask[:2]))
+    assert intermediates["text_pooler"][...].shape == (2, 384)
+    assert intermediates["text_mlp_out"][...].shape == (2, cfg.llm.hidden_size)
     assert out.logits.shape == (2, cfg.llm_max_length, cfg.llm.vocab_size)
     assert np.isfinite(float(out.loss)) and int(out.num_target_tokens) > 0
     scores = np.asarray(out.slice_scores)

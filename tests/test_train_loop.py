@@ -2,14 +2,18 @@
 
 import glob
 import json
+import logging
 import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from assets_for_tests import fetched
 from training_runs import (
     compilation_cache,
+    device_reads_forbidden_between_log_points,
     launch,
     loop_config,
     shared_cache_dir,
@@ -45,6 +49,53 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
     with open(events[0], "rb") as f:
         content = f.read()
     assert all(f"train/{name}".encode() in content for name in METRICS)
+
+
+def test_loop_reads_nothing_from_the_devices_between_log_points(tmp_path):
+    with device_reads_forbidden_between_log_points():
+        from med2e3_jax.train import (
+            loop as guarded,  # the guard wraps loop._between_log_points
+        )
+
+        with guarded._between_log_points("allow"), pytest.raises(AssertionError, match="between two log points"):
+            float(jnp.ones(()))  # the guard has teeth: a read inside the section fails
+        result = loop.train(loop_config(steps=6, log_every=3, checkpoint_every=6), tmp_path,
+                            make_iterator=synthetic_iterator())
+    assert result.step == 6
+    assert [r["step"] for r in read_metrics(tmp_path)] == [3, 6]
+
+
+def test_thirty_steps_on_phantoms_with_answers_of_varying_length_compile_the_step_once(tmp_path):
+    from configs import tiny
+    from data_pipelines import synthetic
+    from data_pipelines.annotations import load_records
+
+    for name in ("tokenizers/phi3", "minilm"):
+        fetched(name)
+    synthetic.generate(tmp_path / "data", num=20, seed=0, shape=(32, 64, 64), formats=("npy",))
+    annotations = tmp_path / "data" / "annotations" / "npy" / "vqa_train.json"
+    answers = {len(r["conversations"][1]["value"].split()) for r in load_records(annotations, None, validate=False)}
+    assert len(answers) > 3, answers  # closed letters and open phrases: the batches' target counts vary
+    config = tiny.get_config("finetune")
+    config.data.update(annotation_file=str(annotations), image_root=str(tmp_path / "data"), worker_count=0)
+    config.train.update(steps=30, log_every=10, checkpoint_every=30, export_model=False)
+    compiles = []
+
+    class Compiles(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling jit(_train_step)"):
+                compiles.append(record.getMessage())
+
+    handler = Compiles()
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles():
+            result = loop.train(config, tmp_path / "run")
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    assert result.step == 30
+    targets = [r["target_tokens"] for r in read_metrics(tmp_path / "run")]
+    assert len(compiles) == 1, (len(compiles), targets)
 
 
 def test_nan_loss_stops_with_clear_message_and_last_good_checkpoint_intact(tmp_path):

@@ -17,10 +17,8 @@ from batches_for_tests import random_batch, small_config, supervised_tokens  # n
 
 from med2e3_jax.models.med2e3 import Med2E3  # noqa: E402
 from med2e3_jax.train.state import learning_rate, make_optimizer, warmup_steps  # noqa: E402
-from med2e3_jax.models.merge import causal_lm_loss  # noqa: E402
-from med2e3_jax.train.step import (  # noqa: E402
-    _split_micro_batches, eval_step, head_slots, slot_rungs, summed_token_loss, target_slots, train_step,
-)
+from med2e3_jax.models.lm_loss import HeadLayout  # noqa: E402
+from med2e3_jax.train.step import _split_micro_batches, eval_step, train_head_layout, train_step  # noqa: E402
 from med2e3_jax.train_config import TRAINABLE  # noqa: E402
 
 
@@ -89,60 +87,21 @@ def test_gradient_accumulation_equals_one_batch_k_times_larger():
     assert abs(np.mean(micro_losses) - one["loss"]) > 1e-3
 
 
-def test_lm_head_on_the_target_positions_only_gives_the_loss_of_every_position():
-    rng = np.random.default_rng(0)
-    head = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
-    hidden = jnp.asarray(rng.normal(size=(4, 40, 8)), jnp.float32)
-    labels = np.full((4, 40), -100)
-    labels[1, 10:15] = rng.integers(0, 50, 5)  # row 0 has no target, row 2 has 20 at the end, row 3 has 3
-    labels[2, 20:] = rng.integers(0, 50, 20)
-    labels[3, 30:33] = rng.integers(0, 50, 3)
-    labels = jnp.asarray(labels)
-    loss, count = causal_lm_loss(hidden @ head, labels)
-    assert int(count) == 28
-    for slots in (None, (1, 28), (1, 32), (2, 23), (4, 20), (4, 39)):
-        total, got = jax.jit(lambda h, s=slots: summed_token_loss(head, h, labels, slots=s))(hidden)
-        assert int(got) == 28
-        np.testing.assert_allclose(float(total), float(loss) * 28, rtol=1e-6, err_msg=f"slots={slots}")
-    # The head's hand-written gradient against automatic differentiation of the plain loss.
-    want = jax.grad(lambda w, h: causal_lm_loss(h @ w, labels)[0] * 28, argnums=(0, 1))(head, hidden)
-    for slots in ((2, 24), None):
-        def loss_fn(w, h, s=slots):
-            return summed_token_loss(w, h, labels, slots=s)[0]
-
-        got = jax.grad(loss_fn, argnums=(0, 1))(head, hidden)
-        for name, g, w in zip(("kernel", "hidden"), got, want):
-            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"{name}, slots={slots}")
-
-
-def test_head_slots_pool_each_micro_batch_and_shard_onto_a_rung_of_the_ladder():
-    labels = np.full((4, 40), -100)
-    for row, targets in enumerate((0, 5, 20, 3)):
-        labels[row, 40 - targets:] = 7
-    assert target_slots(40) == 16 and slot_rungs(28) == [8, 12, 16, 24, 32]
-    assert head_slots(labels) == (1, 32)  # 28 targets in one group
-    assert head_slots(labels, micro_batches=2) == (1, 24)  # rows 0 and 2 (20), rows 1 and 3 (8)
-    assert head_slots(labels, micro_batches=4) == (1, 24)  # row 2 alone: 20 targets
-    assert head_slots(np.full((4, 40), 7)) is None  # 156 targets: the rung, 192, is every position and more
-    assert head_slots(np.full((4, 40), 7), micro_batches=4) is None  # 39 targets a row: rung 48
-    assert head_slots(labels[:2]) == (1, 8)
-    one_shard = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    assert head_slots(labels, mesh=one_shard) == (1, 32)
-    abstract = jax.ShapeDtypeStruct((4, 40), jnp.int32)
-    assert head_slots(abstract) == (1, 64) and head_slots(abstract, micro_batches=2) == (1, 32)
-    assert head_slots(np.full((2, 10), 7)) is None  # 18 targets: rung 24, more than the 18 positions
+def test_head_layout_comes_from_the_config_and_the_batch_shape_only():
+    shape = (8, 40)  # a quarter of 39 positions, rounded up to 8 and at least 16: 16 slots a row
+    assert train_head_layout(shape) == HeadLayout(groups=1, slots=8 * 16)
+    assert train_head_layout(shape, micro_batches=2) == HeadLayout(groups=1, slots=4 * 16)
+    assert train_head_layout(shape, slots_per_row=5, chunk=12) == HeadLayout(groups=1, slots=40, chunk=12)
+    assert train_head_layout(shape, slots_per_row=0) == HeadLayout(groups=1)  # every position
+    assert train_head_layout(shape, slots_per_row=39) == HeadLayout(groups=1)  # as many slots as positions
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (scripts/test.sh sets 8 CPU devices)")
-def test_head_slots_pool_within_batch_shards():
-    labels = np.full((8, 40), -100)
-    for row, targets in enumerate((0, 5, 20, 3, 1, 1, 16, 16)):
-        labels[row, 40 - targets:] = 7
+def test_head_layout_pools_targets_within_batch_shards():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2, 1), ("data", "fsdp", "tensor"))
-    assert head_slots(labels, mesh=mesh) == (4, 32)  # pairs of rows: 5, 23, 2 and 32 targets
-    # Micro-batch 0 is rows 0, 2, 4 and 6, one per shard: row 2's 20 targets need rung 24.
-    assert head_slots(labels, mesh=mesh, micro_batches=2) == (4, 24)
-    assert head_slots(labels[:6], mesh=mesh) == (2, 32)  # 6 rows over 4 shards: 2 groups of 3 rows, 25 and 5
+    assert train_head_layout((8, 40), mesh=mesh, slots_per_row=4) == HeadLayout(groups=4, slots=8)
+    assert train_head_layout((8, 40), mesh=mesh, micro_batches=2, slots_per_row=4) == HeadLayout(groups=4, slots=4)
+    assert train_head_layout((6, 40), mesh=mesh, slots_per_row=4) == HeadLayout(groups=2, slots=12)  # gcd(6, 4)
 
 
 def test_eval_step_loss_is_the_model_loss():

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -68,6 +69,50 @@ def compilation_cache(directory: str):
         for name, value in previous.items():
             jax.config.update(name, value)
         cc.reset_cache()
+
+
+_reading_forbidden = threading.local()
+
+
+@contextlib.contextmanager
+def device_reads_forbidden_between_log_points():
+    """Makes every read of a `jax.Array`'s value inside `loop.train`'s run-ahead section (between two log
+    points) raise. XLA:CPU ignores jax's transfer guard (its devices are host memory), so the guard here
+    is on the two entry points every device-to-host read goes through: `ArrayImpl._value` (np.asarray,
+    float, device_get, printing) and `ArrayImpl.copy_to_host_async`."""
+    from jax._src.array import ArrayImpl
+
+    from med2e3_jax.train import loop
+
+    value, copy, section = ArrayImpl._value, ArrayImpl.copy_to_host_async, loop._between_log_points
+
+    def refuse(what):
+        if getattr(_reading_forbidden, "on", False):
+            raise AssertionError(f"{what} of a device array between two log points: the loop waited on the devices")
+
+    def guarded_value(self):
+        refuse("a read")
+        return value.fget(self)
+
+    def guarded_copy(self):
+        refuse("a copy to the host")
+        return copy(self)
+
+    @contextlib.contextmanager
+    def guarded_section(level):
+        with section(level):
+            _reading_forbidden.on = True
+            try:
+                yield
+            finally:
+                _reading_forbidden.on = False
+
+    ArrayImpl._value, ArrayImpl.copy_to_host_async = property(guarded_value), guarded_copy
+    loop._between_log_points = guarded_section
+    try:
+        yield
+    finally:
+        ArrayImpl._value, ArrayImpl.copy_to_host_async, loop._between_log_points = value, copy, section
 
 
 def loop_config(stage: str = "finetune", **train):
@@ -195,11 +240,15 @@ def main(argv=None) -> int:
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--coordinator", default="")
     parser.add_argument("--result", default="", help="write the TrainResult summary here (JSON)")
+    parser.add_argument("--log_every", type=int, default=1)
+    parser.add_argument("--forbid_device_reads", action="store_true",
+                        help="fail on any read of a device array between two log points")
     args = parser.parse_args(argv)
 
     from med2e3_jax.train.loop import train
 
-    config = loop_config(args.stage, steps=args.steps, checkpoint_every=args.checkpoint_every)
+    config = loop_config(args.stage, steps=args.steps, checkpoint_every=args.checkpoint_every,
+                         log_every=args.log_every)
     config.distributed.update(coordinator_address=args.coordinator, num_processes=args.num_processes,
                               process_id=args.process_id)
     on_fetch = {}
@@ -209,7 +258,9 @@ def main(argv=None) -> int:
         on_fetch[args.marker_at_batch] = lambda: open(args.marker, "w").close()
     if args.sigterm_self_at is not None:
         on_fetch[args.sigterm_self_at] = lambda: os.kill(os.getpid(), signal.SIGTERM)
-    result = train(config, args.workdir, make_iterator=synthetic_iterator(on_fetch=on_fetch))
+    guard = device_reads_forbidden_between_log_points() if args.forbid_device_reads else contextlib.nullcontext()
+    with guard:
+        result = train(config, args.workdir, make_iterator=synthetic_iterator(on_fetch=on_fetch))
     if args.result:
         with open(args.result, "w", encoding="utf-8") as f:
             json.dump({"step": result.step, "preempted": result.preempted, "metrics": result.metrics}, f)

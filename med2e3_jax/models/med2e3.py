@@ -20,7 +20,8 @@ from med2e3_jax import config as config_lib
 from med2e3_jax.models.bert import BertEncoder
 from med2e3_jax.models.connectors import MLPConnector, spatial_avg_pool
 from med2e3_jax.models.decoder import Decoder
-from med2e3_jax.models.merge import causal_lm_loss, merge_vision_tokens, text_token_ids
+from med2e3_jax.models.lm_loss import mean_token_loss
+from med2e3_jax.models.merge import merge_vision_tokens, text_token_ids
 from med2e3_jax.models.siglip import SiglipVisionTower
 from med2e3_jax.models.tgis import TGIS
 from med2e3_jax.models.vit3d import ViT3D
@@ -30,7 +31,6 @@ from med2e3_jax.models.vit3d import ViT3D
 class VisionOutput:
     tokens: jax.Array  # (batch, vision_tokens, embed): what replaces the <image3d> positions
     slice_scores: jax.Array  # (batch, slices)
-    intermediates: dict  # named like the golden fixture's outputs.npz
 
 
 @flax.struct.dataclass
@@ -40,12 +40,15 @@ class Med2E3Output:
     num_target_tokens: jax.Array | None  # () how many tokens the loss averages over
     slice_scores: jax.Array  # (batch, slices)
     inputs_embeds: jax.Array  # (batch, length, embed): the merged LLM input
-    intermediates: dict
     hidden_states: jax.Array | None = None  # (batch, length, embed): the LLM's, after its final norm
 
 
 class Med2E3(nnx.Module):
-    """The whole model, built from a `med2e3_jax.config.model_config()`-shaped config."""
+    """The whole model, built from a `med2e3_jax.config.model_config()`-shaped config.
+
+    Under `nnx.capture(model, nnx.Intermediate)` the forward also records its intermediate tensors,
+    named like the golden fixture's outputs.npz (`parity.run_fixture`).
+    """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         config_lib.validate_model_config(cfg)
@@ -78,42 +81,38 @@ class Med2E3(nnx.Module):
         """
         cfg = self.cfg
         volume = volume.astype(jnp.dtype(cfg.dtype))
-        found = {}
         encoded = self.vision3d(volume)
         patch_features = encoded.hidden_states[-1][:, 1:]  # last block, before the final norm; no CLS
-        found.update(
-            v3d_patch_embed=encoded.patch_embed,
-            v3d_block_outputs=jnp.stack(encoded.hidden_states),
-            v3d_selected=patch_features,
-        )
+        self._record(v3d_patch_embed=encoded.patch_embed, v3d_block_outputs=jnp.stack(encoded.hidden_states),
+                     v3d_selected=patch_features)
         pooled = spatial_avg_pool(patch_features, self.vision3d.grid, cfg.tgis.pool_stride)
         volume_tokens = self.vision3d_connector(pooled)
-        found.update(v3d_pooled=pooled, v3d_tokens=volume_tokens)
+        self._record(v3d_pooled=pooled, v3d_tokens=volume_tokens)
         batch, _, slices = volume.shape[:3]
         if not self.uses_slices:
             scores = jnp.full((batch, slices), 1.0 / slices, jnp.float32)
-            return VisionOutput(volume_tokens, scores, found)
+            return VisionOutput(volume_tokens, scores)
 
         slice_features = self.vision2d(_slices_as_images(volume))
         slice_tokens = self.vision2d_connector(slice_features)
         slice_tokens = slice_tokens.reshape(batch, slices, *slice_tokens.shape[1:])
-        found.update(v2d_selected=slice_features, v2d_slice_tokens=slice_tokens)
+        self._record(v2d_selected=slice_features, v2d_slice_tokens=slice_tokens)
         question_feature = None
         if self.uses_question:
             if question_ids is None or question_mask is None:
                 raise ValueError("TG-IS needs the question: pass question_ids and question_mask")
             hidden, question_feature = self.question_encoder(question_ids, question_mask)
-            found.update(text_cls_hidden=hidden[:, 0], text_pooler=question_feature)
+            self._record(text_cls_hidden=hidden[:, 0], text_pooler=question_feature)
         weighting = self.tgis(volume_tokens, slice_tokens, question_feature, deterministic=deterministic, rngs=rngs)
-        found.update(v2d_aggregated=weighting.aggregated, slice_scores=weighting.scores)
+        self._record(v2d_aggregated=weighting.aggregated, slice_scores=weighting.scores)
         if weighting.keys is not None:
-            found.update(score_features=weighting.keys)
+            self._record(score_features=weighting.keys)
         if weighting.logits is not None:
-            found.update(score_logits=weighting.logits, text_mlp_out=weighting.question)
+            self._record(score_logits=weighting.logits, text_mlp_out=weighting.question)
         parts = {"3d+2d": (volume_tokens, weighting.aggregated), "2d": (weighting.aggregated,)}
         tokens = jnp.concatenate(parts[cfg.tgis.vision_tokens], axis=1)
-        found.update(vision_tokens=tokens)
-        return VisionOutput(tokens, weighting.scores, found)
+        self._record(vision_tokens=tokens)
+        return VisionOutput(tokens, weighting.scores)
 
     def embed_prompt(self, input_ids, attention_mask, vision_tokens):
         """(batch, length, embed) LLM input: see `models/merge.py`."""
@@ -137,9 +136,16 @@ class Med2E3(nnx.Module):
         out = self.llm(inputs_embeds=inputs_embeds, positions=positions, attention_mask=attention_mask)
         loss = count = None
         if labels is not None:
-            loss, count = causal_lm_loss(out.logits, labels)
-        return Med2E3Output(out.logits, loss, count, vision.slice_scores, inputs_embeds, vision.intermediates,
-                            out.hidden_states)
+            loss, count = mean_token_loss(self.llm.head_kernel(), out.hidden_states, labels)
+        return Med2E3Output(out.logits, loss, count, vision.slice_scores, inputs_embeds, out.hidden_states)
+
+    def _record(self, **tensors):
+        """Sows `tensors` as `nnx.Intermediate`s when the forward runs under `nnx.capture`; outside it
+        (training, generation) records nothing: a sow there would store them on the module."""
+        if getattr(self, "__captures__", None) is None:
+            return
+        for name, value in tensors.items():
+            self.sow(nnx.Intermediate, name, value, reduce_fn=lambda _, new: new)
 
 
 def _slices_as_images(volume):

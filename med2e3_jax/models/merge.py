@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -97,18 +96,3 @@ def merge_vision_tokens(token_embeds, input_ids, attention_mask, vision_tokens):
 def text_token_ids(input_ids):
     """The ids with vision markers replaced by 0, so that the embedding lookup stays in range."""
     return jnp.where(input_ids == IMAGE3D_TOKEN_ID, 0, input_ids)
-
-
-def causal_lm_loss(logits, labels):
-    """Mean next-token cross-entropy over labels != IGNORE_INDEX, as transformers computes it.
-
-    Returns (loss, number of supervised tokens); the count lets gradient accumulation weight
-    micro-batches exactly as one big batch would.
-    """
-    targets = labels[:, 1:]
-    valid = targets != IGNORE_INDEX
-    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    count = valid.sum()
-    loss = -jnp.where(valid, picked, 0.0).sum() / jnp.maximum(count, 1)
-    return loss, count

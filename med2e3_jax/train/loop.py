@@ -5,10 +5,17 @@
     global batch) ─ restore the latest checkpoint if any ─ steps: `train_step`, metrics every
     `log_every`, a checkpoint every `checkpoint_every` and at the end
 
+The loop runs ahead of the devices: between two log points it only dispatches steps (the step's shapes
+and its LM-head layout come from the config and the batch shapes, never from device values), so the
+host prepares batch N + 1 while the devices run step N; metrics are read back every `log_every` steps
+and before every save. `train.transfer_guard` (a `jax.transfer_guard_device_to_host` level) can make
+any device-to-host transfer between log points an error, which is how the tests prove it.
+
 A run stops early, and cleanly, in three cases:
 - SIGTERM (preemption): the handler only raises a flag. Before each step the processes exchange
-  their flags (a max over processes), so that one signalled host stops every host before the same
-  step; they save the state after the last trained step and `train` returns (the script exits 0).
+  their flags through the distributed runtime's key-value store (host to host, never through the
+  devices), so that one signalled host stops every host before the same step; they save the state
+  after the last trained step and `train` returns (the script exits 0).
 - the data runs out on any process: agreed the same way, then saved.
 - a non-finite loss or gradient norm: `FloatingPointError` naming the step. The metrics are fetched
   (and checked) at every log and before every save, so no state after a bad step is ever saved and
@@ -22,7 +29,10 @@ on the same mesh, a run replays the same computation, bit for bit on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import itertools
 import logging
 import os
 import signal
@@ -35,7 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost
 
 from med2e3_jax import sharding
 from med2e3_jax.checkpoint.orbax_params import save_params
@@ -50,6 +60,7 @@ from med2e3_jax.train.checkpointing import (
 from med2e3_jax.train.metrics import MetricsWriter
 
 CONFIG_FILE = "config.json"
+AGREE_TIMEOUT_S = 3600  # how long a process waits for the others at a step (the first step compiles)
 MODEL_DIR = "model"  # the finished run's whole model, a `save_params` folder
 
 # make_iterator(config, process_index, process_count) -> an iterator of this process's batches (dicts
@@ -111,14 +122,18 @@ class _StopFlags:
     """Why the processes should stop before the next step, agreed by all of them.
 
     SIGTERM only raises a flag here (the handler runs between two bytecodes of the main thread). Before
-    every step the processes exchange their flags (a max over processes when there are several), so
-    that one host being preempted, or running out of data, stops every host before the same step;
-    otherwise the others would block in the step's collectives.
+    every step the processes exchange their flags, so that one host being preempted, or running out of
+    data, stops every host before the same step; otherwise the others would block in the step's
+    collectives. The exchange goes through the coordination service's key-value store: it waits for
+    the other hosts to reach the same step, never for the devices.
     """
+
+    _runs = itertools.count()  # the n-th run of every process shares its keys with no other run
 
     def __init__(self):
         self.sigterm = False
         self._previous = None
+        self._prefix = f"med2e3_jax/stop/{next(self._runs)}"
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
@@ -134,12 +149,24 @@ class _StopFlags:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def agree(self, *, out_of_data: bool) -> tuple[bool, bool]:
-        """(stop for SIGTERM, stop for lack of data), the same on every process."""
-        flags = np.asarray([self.sigterm, out_of_data], np.int32)
-        if jax.process_count() > 1:
-            flags = np.max(multihost_utils.process_allgather(flags), axis=0)
-        return bool(flags[0]), bool(flags[1])
+    def agree(self, step: int, *, out_of_data: bool) -> tuple[bool, bool]:
+        """(stop for SIGTERM, stop for lack of data) before `step`, the same on every process."""
+        flags = (self.sigterm, out_of_data)
+        if jax.process_count() == 1:
+            return flags
+        client = multihost.get_jax_distributed_client()
+        here, processes = jax.process_index(), jax.process_count()
+        client.key_value_set(f"{self._prefix}/{step}/{here}", "".join(str(int(f)) for f in flags))
+        timeout_ms = AGREE_TIMEOUT_S * 1000
+        try:
+            values = [client.blocking_key_value_get(f"{self._prefix}/{step}/{p}", timeout_ms) for p in range(processes)]
+        except Exception as error:  # the runtime raises its own status errors
+            raise RuntimeError(f"process {here}: the other processes did not reach step {step + 1} within "
+                               f"{AGREE_TIMEOUT_S} s (a host died or hangs)") from error
+        # Every process has read step - 1's flags before publishing these: step - 2's are no longer read.
+        with contextlib.suppress(Exception):
+            client.key_value_delete(f"{self._prefix}/{step - 2}/{here}")
+        return any(v[0] == "1" for v in values), any(v[1] == "1" for v in values)
 
 
 # --- model and optimizer ---------------------------------------------------------------------------
@@ -247,6 +274,14 @@ def _log(window: _Window, writer: MetricsWriter, step: int, positions_per_step: 
     return out
 
 
+@contextlib.contextmanager
+def _between_log_points(transfer_guard: str):
+    """Where the loop only dispatches: `jax.transfer_guard_device_to_host(transfer_guard)` (enforced by
+    the GPU and TPU runtimes; XLA:CPU's devices are host memory and ignore it)."""
+    with jax.transfer_guard_device_to_host(transfer_guard):
+        yield
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           make_iterator: IteratorFactory = make_train_iterator) -> TrainResult:
     """Trains `config.train.steps` steps in `workdir`, resuming from its latest checkpoint if any.
@@ -299,6 +334,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                               data_state=data_state, config=config)
         window.restart_clock()
 
+    train_step = step_lib.make_train_step(model, optimizer, micro_batches=train_cfg.micro_batches,
+                                          head_slots_per_row=train_cfg.head_slots_per_row,
+                                          head_chunk=train_cfg.head_chunk)
+    run_ahead = functools.partial(_between_log_points, train_cfg.transfer_guard)
     positions_per_step = None
     window = _Window()
     last_logged: dict[str, float] = {}
@@ -307,18 +346,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     try:
         with _StopFlags() as stop:
             while step < train_cfg.steps:
-                local = next(iterator, None)
-                preempted, exhausted = stop.agree(out_of_data=local is None)
-                if exhausted:
-                    logger.warning("the data ran out after step %d of %d", step, train_cfg.steps)
-                    break
-                if preempted:
-                    logger.warning("SIGTERM: stopping after step %d with a checkpoint", step)
-                    break
-                batch = sharding.global_batch({k: local[k] for k in step_lib.MODEL_INPUTS if k in local}, mesh)
-                if positions_per_step is None:
-                    positions_per_step = int(np.prod(batch["input_ids"].shape))
-                metrics = step_lib.train_step(model, optimizer, batch, rng_key, micro_batches=train_cfg.micro_batches)
+                with run_ahead():  # nothing here reads the devices: the host runs ahead of them
+                    local = next(iterator, None)
+                    preempted, exhausted = stop.agree(step, out_of_data=local is None)
+                    if exhausted:
+                        logger.warning("the data ran out after step %d of %d", step, train_cfg.steps)
+                        break
+                    if preempted:
+                        logger.warning("SIGTERM: stopping after step %d with a checkpoint", step)
+                        break
+                    batch = sharding.global_batch({k: local[k] for k in step_lib.MODEL_INPUTS if k in local}, mesh)
+                    if positions_per_step is None:
+                        positions_per_step = int(np.prod(batch["input_ids"].shape))
+                    metrics = train_step(batch, rng_key)
                 step += 1
                 data_state = iterator.get_state()
                 window.pending.append((step, metrics))
