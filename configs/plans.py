@@ -1,12 +1,15 @@
 """Sharding plans: the released Med-2E3-M3D trained at the authors' batch sizes on three machines.
 
-    --config configs/plans.py:finetune_8xh100     (also pretrain_8xh100, *_8xh200, *_v5p32)
+    --config configs/plans.py:finetune_8xh100     (also pretrain_8xh100, *_8xh200, *_v5p32, finetune_8xh100_tp)
 
-Each plan is `configs/med2e3_m3d.py` (pretrain: global batch 64; finetune: 128) with the mesh, the
-gradient-accumulation micro-batches, the remat policy and the attention implementation chosen for the
-machine, and a `hardware` section that says what the plan was sized for. `scripts/memory_plan.py`
-compiles the real training step of a plan on a fake mesh of that many devices and prints its memory
-per device; the figures are in the README.
+A plan is a name for a set of config overrides (`PLANS`): the stage of `configs/med2e3_m3d.py`
+(pretrain: global batch 64; finetune: 128), the machine (`HARDWARE`, which also picks the attention
+implementation), and dotted config paths with their values, the paths the command line takes as
+`--config.<path>=<value>`: the mesh, the gradient-accumulation micro-batches, the remat policy and,
+for a layout other than the default, sharding rules. A new plan is a new entry; the command line
+overrides any of its values in turn. The config records the machine in a `hardware` section.
+`scripts/memory_plan.py` compiles the real training step of a plan on a fake mesh of that many
+devices and prints its memory per device; the figures are in the README.
 
 The machines (vendor figures, decimal GB):
   - 8xh100: 8 NVIDIA H100 SXM, 80 GB HBM3 each;
@@ -14,15 +17,22 @@ The machines (vendor figures, decimal GB):
   - v5p32:  a TPU v5p-32 slice. Google counts v5p slices in TensorCores, two per chip: v5p-32 is 16
     chips (topology 2x2x4) with 95 GB HBM2e each, and JAX sees 16 devices (one per chip, megacore).
 
-All plans use FSDP over every device (`mesh.fsdp` = device count): parameters, gradients and AdamW
-state are split 8 or 16 ways, so that the float32 master weights and moments of the 4.15B finetuned
-parameters (about 50 GB) take about 6 GB per GPU. The batch is split over the same axis. Compute is
-bfloat16 (`model.dtype`) over float32 weights. In finetune the LLM and SigLIP layers keep only their
-inputs for the backward pass (`remat_policy='full'`), because SigLIP trains on every one of the 32
-slices of a volume (8192 tokens per sample). Pretrain trains the connectors only: SigLIP runs forward,
-and the backward pass goes through the LLM alone, whose activations fit without remat (which in
-pretrain also trips `nnx.remat` on the frozen SigLIP layers: a TraceContextError, see the README).
-GPU plans ask for cuDNN attention (`cudnn`), which falls back to XLA's where cuDNN declines a shape.
+The `*_8xh100`, `*_8xh200` and `*_v5p32` plans use FSDP over every device (`mesh.fsdp` = device
+count) with the default rules: parameters, gradients and AdamW state are split 8 or 16 ways, so that
+the float32 master weights and moments of the 4.15B finetuned parameters (about 50 GB) take about
+6 GB per GPU. The batch is split over the same axis. Compute is bfloat16 (`model.dtype`) over float32
+weights. In finetune the LLM and SigLIP layers keep only their inputs for the backward pass
+(`remat_policy='full'`), because SigLIP trains on every one of the 32 slices of a volume (8192 tokens
+per sample). Pretrain trains the connectors only: SigLIP runs forward, and the backward pass goes
+through the LLM alone, whose activations fit without remat (which in pretrain also trips `nnx.remat`
+on the frozen SigLIP layers: a TraceContextError, see the README). GPU plans ask for cuDNN attention
+(`cudnn`), which falls back to XLA's where cuDNN declines a shape.
+
+`finetune_8xh100_tp` is a different layout written as config only (`LLM_TENSOR_PARALLEL`): the LLM
+splits its heads, MLP units and vocabulary over a tensor axis of 2 and its weights over fsdp = 4,
+while the encoders take no tensor parallelism: their weights are FSDP-split over all 8 devices and
+their rows (SigLIP's: the 32 slices of every volume, folded into the batch) over all 8 too, so that
+no device idles or repeats work in the encoders, and SigLIP's unsplit heads stay within cuDNN's reach.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import med2e3_m3d
+from med2e3_jax.train_config import apply_overrides
 
 HARDWARE = {
     "8xh100": dict(devices=8, platform="gpu", device_kind="NVIDIA H100 80GB HBM3", memory_bytes=80e9,
@@ -40,26 +51,51 @@ HARDWARE = {
                   topology="v5p:2x2x4"),
 }
 
-# plan -> (stage, hardware, mesh (data, fsdp, tensor), micro_batches, remat_policy). The global batch is
-# the stage's (64 / 128); micro-batch rows per device = global / micro_batches / (data * fsdp).
+
+def mesh(data: int = 1, fsdp: int = 1, tensor: int = 1) -> dict:
+    """The mesh overrides of a plan (every axis given, so that no -1 default is left to resolve)."""
+    return {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor}
+
+
+# Tensor parallelism for the LLM only: the default rules already split the LLM's heads, MLP units and
+# vocabulary over `tensor`; these rules take the encoders off it and spread them over every device.
+LLM_TENSOR_PARALLEL = {
+    "sharding.logical_axis_rules.encoder_batch": ("data", "fsdp", "tensor"),
+    "sharding.logical_axis_rules.encoder_embed": ("fsdp", "tensor"),
+    "sharding.logical_axis_rules.encoder_heads": (),
+    "sharding.logical_axis_rules.encoder_mlp": (),
+}
+
+# plan -> {"stage": ..., "hardware": ..., dotted config path: value, ...}. The global batch is the
+# stage's (64 / 128); micro-batch rows per device = global / micro_batches / (data * fsdp).
 PLANS = {
-    "pretrain_8xh100": ("pretrain", "8xh100", (1, 8, 1), 2, "none"),
-    "pretrain_8xh200": ("pretrain", "8xh200", (1, 8, 1), 1, "none"),
-    "pretrain_v5p32": ("pretrain", "v5p32", (1, 16, 1), 1, "none"),
-    "finetune_8xh100": ("finetune", "8xh100", (1, 8, 1), 8, "full"),
-    "finetune_8xh200": ("finetune", "8xh200", (1, 8, 1), 4, "full"),
-    "finetune_v5p32": ("finetune", "v5p32", (1, 16, 1), 4, "full"),
+    "pretrain_8xh100": {"stage": "pretrain", "hardware": "8xh100", **mesh(fsdp=8), "train.micro_batches": 2,
+                        "model.remat_policy": "none"},
+    "pretrain_8xh200": {"stage": "pretrain", "hardware": "8xh200", **mesh(fsdp=8), "train.micro_batches": 1,
+                        "model.remat_policy": "none"},
+    "pretrain_v5p32": {"stage": "pretrain", "hardware": "v5p32", **mesh(fsdp=16), "train.micro_batches": 1,
+                       "model.remat_policy": "none"},
+    "finetune_8xh100": {"stage": "finetune", "hardware": "8xh100", **mesh(fsdp=8), "train.micro_batches": 8,
+                        "model.remat_policy": "full"},
+    "finetune_8xh200": {"stage": "finetune", "hardware": "8xh200", **mesh(fsdp=8), "train.micro_batches": 4,
+                        "model.remat_policy": "full"},
+    "finetune_v5p32": {"stage": "finetune", "hardware": "v5p32", **mesh(fsdp=16), "train.micro_batches": 4,
+                       "model.remat_policy": "full"},
+    "finetune_8xh100_tp": {"stage": "finetune", "hardware": "8xh100", **mesh(fsdp=4, tensor=2),
+                           "train.micro_batches": 8, "model.remat_policy": "full", **LLM_TENSOR_PARALLEL},
 }
 
 
 def get_config(plan: str = "finetune_8xh100") -> ml_collections.ConfigDict:
     if plan not in PLANS:
         raise ValueError(f"unknown plan {plan!r}; configs/plans.py has {sorted(PLANS)}")
-    stage, hardware, (data, fsdp, tensor), micro_batches, remat = PLANS[plan]
+    overrides = dict(PLANS[plan])
+    stage, hardware = overrides.pop("stage"), overrides.pop("hardware")
+    if hardware not in HARDWARE:
+        raise ValueError(f"configs/plans.py:{plan}: hardware {hardware!r} is not one of {sorted(HARDWARE)}")
     machine = HARDWARE[hardware]
     config = med2e3_m3d.get_config(stage)
-    config.model.update(remat_policy=remat, attention_impl=machine["attention_impl"])
-    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
-    config.train.micro_batches = micro_batches
+    config.model.attention_impl = machine["attention_impl"]
+    apply_overrides(config, overrides, where=f"configs/plans.py:{plan}")
     config.hardware = ml_collections.ConfigDict(dict(plan=plan, name=hardware, **machine))
     return config

@@ -241,14 +241,15 @@ def estimate(config, *, mesh_shape: dict[str, int] | None = None) -> MemoryEstim
 
 def abstract_train_state(config, mesh):
     """(model, optimizer) of `config` whose arrays are `jax.ShapeDtypeStruct`s placed as the trainer
-    places them (`sharding.param_shardings`); nothing is allocated."""
+    places them (`sharding.param_shardings` under the config's rules); nothing is allocated."""
 
     def create():
         model = Med2E3(config.model, rngs=nnx.Rngs(0))
         return model, state_lib.make_optimizer(model, config.train)
 
     graphdef, state = nnx.split(nnx.eval_shape(create))
-    shardings = sharding.param_shardings(state, mesh)
+    with sharding.logical_axis_rules(sharding.rules_of(config)):
+        shardings = sharding.param_shardings(state, mesh)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     return nnx.merge(graphdef, state)
 
@@ -257,7 +258,9 @@ def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """One global batch as the data pipeline delivers it (`data_pipelines.pipeline.stack_examples`),
     split over the batch axes: volume (batch, 1, slices, height, width) float32; input_ids, labels,
     attention_mask (batch, length) and question_ids, question_mask (batch, question_length) int32."""
-    rows, split = config.train.global_batch_size, sharding.batch_sharding(mesh)
+    with sharding.logical_axis_rules(sharding.rules_of(config)):
+        split = sharding.batch_sharding(mesh)
+    rows = config.train.global_batch_size
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=split)  # noqa: E731
     length, question = config.model.llm_max_length, config.data.question_max_length
     v3 = config.model.vision3d
@@ -272,14 +275,16 @@ def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def lower_abstract_train_step(config, mesh) -> jax.stages.Lowered:
-    """The trainer's step (`train.step.lower_train_step`) for `config` on `mesh`, from abstract inputs."""
+    """The trainer's step (`train.step.lower_train_step`) for `config` on `mesh`, from abstract inputs,
+    traced under the config's sharding rules as the trainer traces it."""
     model, optimizer = abstract_train_state(config, mesh)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
     train = config.train
-    return step_lib.lower_train_step(model, optimizer, abstract_batch(config, mesh), key,
-                                     micro_batches=train.micro_batches, head_slots_per_row=train.head_slots_per_row,
-                                     head_chunk=train.head_chunk)
+    with sharding.logical_axis_rules(sharding.rules_of(config)):
+        return step_lib.lower_train_step(model, optimizer, abstract_batch(config, mesh), key,
+                                         micro_batches=train.micro_batches,
+                                         head_slots_per_row=train.head_slots_per_row, head_chunk=train.head_chunk)
 
 
 def xla_memory(compiled: jax.stages.Compiled) -> dict[str, int]:

@@ -1,80 +1,140 @@
-"""The device mesh and the one table that maps names to mesh axes.
+"""The device mesh, and how logical axis names land on it.
 
-Parameters and activations carry logical axis names (`embed`, `heads`, `mlp`, `vocab`, `batch`, ...);
-`LOGICAL_RULES` says which mesh axes each name is split over, and `PARAM_LOGICAL_AXES` names the axes
-of every Med-2E3 parameter by its path. A new parallelism layout is therefore a change of
-`config.mesh` (and at most of this table), never of the model code:
+Every parameter declares the logical axes of its dimensions where the model creates it
+(`param_axes`: `nnx.Linear(..., kernel_metadata=param_axes("embed", "heads"))`), and the models
+constrain their activations by logical name (`constrain(x, ("batch", None, "heads", None))`). The
+experiment config's `sharding.logical_axis_rules` (defaults in `train_config.sharding_config`) maps
+each name to mesh axes; `logical_axis_rules(...)` makes a rule set current, and everything here
+reads the current one: parameter placement (`param_shardings`, `shard_model`), activation
+constraints, the batch split. A new parallelism layout is therefore a change of `config.mesh` and
+`config.sharding`, never of the model code:
 
   - data parallelism: `mesh.data` > 1; every parameter replicated, the batch split;
-  - FSDP: `mesh.fsdp` > 1; parameters (and with them the optimizer state) split along `embed`, the
-    batch split over `data` x `fsdp`; XLA gathers each weight where it is used;
-  - tensor parallelism: `mesh.tensor` > 1; attention heads, MLP hidden units and the vocabulary split.
+  - FSDP: `mesh.fsdp` > 1; parameters (and with them the optimizer state, whose leaves carry their
+    parameter's metadata) split along `embed`, the batch split over `data` x `fsdp`; XLA gathers each
+    weight where it is used;
+  - tensor parallelism: `mesh.tensor` > 1; attention heads, MLP hidden units and the vocabulary split;
+  - anything else the rules can say: e.g. `configs/plans.py:finetune_8xh100_tp` splits the LLM over
+    `tensor` and runs the encoders as FSDP over every device (docs/sharding.md).
 
-A dimension whose size does not divide by its mesh axes is replicated instead (logged once per name),
-so that every config runs on every mesh, if not always at the best layout.
+One rule is overridden on the command line by name, e.g.
+`--config.sharding.logical_axis_rules.heads=fsdp,tensor` (docs/sharding.md has the syntax).
+
+The declarations keep three choices. Weights that create or are added to the residual stream (token,
+position and patch embeddings, the CLS token) never split `embed`: their split would give the
+activations' `embed` dimension the fsdp axis, which the batch dimension needs, and XLA would then run
+whole towers on the global batch with the contraction split; token embeddings split their rows
+(`vocab`) instead, the others are small and replicated. The connectors and TG-IS's `text_mlp` map an
+encoder width onto the LLM's and split the LLM side (`embed`). A dimension whose size does not divide
+by its mesh axes is replicated instead (logged once per name), so that every config runs on every
+mesh, if not always at the best layout.
 
 Activations are pinned where it matters (`constrain`, called on the attention inputs and output of
 every layer): left to itself, XLA's propagation may follow an FSDP-split weight and run a layer on the
 global batch; pinned, the batch stays split and the weights are gathered instead.
+
+The current rules are a `jax.make_user_context`: part of `jit`'s cache key, so a step traced under
+one rule set is traced again under another.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
 
-# Logical axis name -> mesh axes it is split over. Names not listed are replicated.
-LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    # Vocabulary rows split over fsdp too: the embedding tables must not split `embed` (see below).
-    "vocab": ("tensor", "fsdp"),
-}
-
-# Parameter path (dot-joined, searched at the end of the path so that optimizer state such as
-# `opt_state.0.mu.<param path>` follows its parameter) -> logical axis of each dimension. The first
-# match wins; a parameter no pattern matches is replicated. `None` marks a dimension kept whole.
-_PROJECTIONS_IN = r"(qkv_proj|q_proj|k_proj|v_proj|qkv)"  # embed -> heads
-_PROJECTIONS_OUT = r"(o_proj|out_proj)"  # heads -> embed
-_MLP_IN = r"(gate_up_proj|gate_proj|up_proj|fc1|linear1|intermediate)"  # embed -> hidden units
-_MLP_OUT = r"(down_proj|fc2|linear2|output)"  # hidden units -> embed
-#
-# Weights that create or are added to the residual stream (token, position and patch embeddings, the CLS
-# token) never split `embed`: their split would give the activations' `embed` dimension the fsdp axis,
-# which the batch dimension needs, and XLA would then run whole towers on the global batch with the
-# contraction split. Together with `constrain` on the attention inputs this took the temporaries of a
-# 1-layer full-size finetune step on 8 fsdp devices from 17.9 GB to 5.0 GB (either alone: no gain).
-# Token embeddings split their rows instead; the others are small and replicated.
-PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"llm\.embed_tokens\.embedding", ("vocab", None)),
-    (r"llm\.lm_head\.kernel", ("embed", "vocab")),
-    (r"question_encoder\.embeddings\.word_embeddings\.embedding", ("vocab", None)),
-    (rf"{_PROJECTIONS_IN}\.kernel", ("embed", "heads")),
-    (rf"{_PROJECTIONS_IN}\.bias", ("heads",)),
-    (rf"{_PROJECTIONS_OUT}\.kernel", ("heads", "embed")),
-    (rf"{_MLP_IN}\.kernel", ("embed", "mlp")),
-    (rf"{_MLP_IN}\.bias", ("mlp",)),
-    (rf"{_MLP_OUT}\.kernel", ("mlp", "embed")),
-    # Connectors and text_mlp map an encoder width onto the LLM's: split the LLM side.
-    (r"(vision2d_connector|vision3d_connector)\.linear_in\.kernel", (None, "embed")),
-    (r"(vision2d_connector|vision3d_connector)\.linear_out\.kernel", ("mlp", "embed")),
-    (r"tgis\.text_mlp\.kernel", (None, "embed")),
-    (r"question_encoder\.pooler\.dense\.kernel", ("embed", None)),
-)
-_COMPILED = tuple((re.compile(rf"(^|\.){pattern}$"), axes) for pattern, axes in PARAM_LOGICAL_AXES)
+# Logical axis name -> the mesh axes it is split over, as ((name, (mesh axes...)), ...).
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 _logged_fallbacks: set[str] = set()
+
+
+def normalize_rules(rules, *, where: str = "sharding.logical_axis_rules") -> Rules:
+    """`rules` (a mapping such as `config.sharding.logical_axis_rules`, or (name, mesh axes) pairs) as
+    hashable pairs. Mesh axes may be a tuple, one name, or comma-joined names as the command line gives
+    them (`fsdp,tensor`); '' and () replicate. Unknown mesh axes are an error naming the rule."""
+    pairs = rules.items() if isinstance(rules, Mapping) or hasattr(rules, "items") else rules
+    out = []
+    for name, mesh_axes in pairs:
+        if mesh_axes is None:
+            mesh_axes = ()
+        elif isinstance(mesh_axes, str):
+            mesh_axes = (mesh_axes,)
+        axes = tuple(part.strip() for entry in mesh_axes for part in str(entry).split(",") if part.strip())
+        unknown = [a for a in axes if a not in AXES]
+        if unknown or len(set(axes)) != len(axes):
+            raise ValueError(f"{where}.{name}: expected distinct mesh axes from {AXES}, got {tuple(mesh_axes)}")
+        out.append((str(name), axes))
+    names = [name for name, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: one rule per logical axis name expected, got {names}")
+    return tuple(out)
+
+
+@functools.cache
+def default_rules() -> Rules:
+    """The rules of `train_config.sharding_config()`, which every config in configs/ starts from."""
+    from med2e3_jax.train_config import (
+        sharding_config,  # the config module, not a copy of its table
+    )
+
+    return normalize_rules(sharding_config().logical_axis_rules)
+
+
+# None: no rule set entered, the defaults apply.
+_current = jax.make_user_context(None)
+
+
+def rules_of(config) -> Rules:
+    """The rules of an experiment config (`config.sharding.logical_axis_rules`); the defaults for a
+    config without a `sharding` section (one saved before it had one)."""
+    if "sharding" not in config:
+        return default_rules()
+    return normalize_rules(config.sharding.logical_axis_rules)
+
+
+@contextlib.contextmanager
+def logical_axis_rules(rules):
+    """Makes `rules` (a mapping or (name, mesh axes) pairs; `rules_of(config)` for a config's) current:
+
+        with sharding.logical_axis_rules(sharding.rules_of(config)):
+            ...  # placement, constraints and the jitted step follow config.sharding
+    """
+    with _current(normalize_rules(rules)):
+        yield
+
+
+def current_rules() -> Rules:
+    """The rules entered last (`logical_axis_rules`), or the defaults."""
+    rules = _current.value
+    return default_rules() if rules is None else rules
+
+
+def mesh_axes(logical: str | None) -> tuple[str, ...]:
+    """The mesh axes the current rules split `logical` over (() for a name without a rule)."""
+    if logical is None:
+        return ()
+    return dict(current_rules()).get(logical, ())
+
+
+def param_axes(*logical_axes: str | None) -> dict:
+    """Metadata that declares a parameter's logical axes, one per dimension (None: kept whole):
+    `nnx.Param(value, **param_axes("embed"))`, `nnx.Linear(..., kernel_metadata=param_axes(...))`.
+
+    flax's `out_sharding` metadata, which `nnx.Optimizer` copies onto the parameter's moments. Eager
+    sharding is off: a model is built without a mesh, and `shard_model` / `param_shardings` place it
+    by the current rules.
+    """
+    return dict(out_sharding=tuple(logical_axes), eager_sharding=False)
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -99,29 +159,28 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                     *, name: str = "") -> PartitionSpec:
-    """The PartitionSpec of an array whose dimensions carry `logical_axes`, by `LOGICAL_RULES`.
+    """The PartitionSpec of an array whose dimensions carry `logical_axes`, by the current rules.
 
     A dimension is replicated when its size does not divide by its mesh axes, or when those mesh axes
     already split an earlier dimension (a mesh axis can split one dimension only).
     """
     if len(logical_axes) != len(shape):
         raise ValueError(f"{name}: logical axes {tuple(logical_axes)} do not match the shape {tuple(shape)}")
+    rules = dict(current_rules())
     used: set[str] = set()
     spec = []
     for logical, size in zip(logical_axes, shape):
-        mesh_axes = LOGICAL_RULES.get(logical) if logical is not None else None
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
-        split = math.prod(mesh.shape[a] for a in mesh_axes)
-        if mesh_axes and size % split:
+        split_over = tuple(a for a in rules.get(logical, ()) if mesh.shape[a] > 1 and a not in used)
+        split = math.prod(mesh.shape[a] for a in split_over)
+        if split_over and size % split:
             key = f"{name}:{logical}:{size}:{split}"
             if key not in _logged_fallbacks:
                 _logged_fallbacks.add(key)
                 logging.info("sharding: %s dimension %r of size %d does not divide by mesh axes %s (%d); "
-                             "replicated", name, logical, size, mesh_axes, split)
-            mesh_axes = ()
-        used.update(mesh_axes)
-        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+                             "replicated", name, logical, size, split_over, split)
+            split_over = ()
+        used.update(split_over)
+        spec.append(_spec_entry(split_over))
     # Canonical form, without trailing Nones: jit returns P() for a replicated vector, and an input
     # placed with P(None) would not match it, so every step would compile anew.
     while spec and spec[-1] is None:
@@ -129,12 +188,14 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
     return PartitionSpec(*spec)
 
 
-def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the parameter (or optimizer state leaf) at dot-joined `path`."""
-    for pattern, axes in _COMPILED:
-        if pattern.search(path) and len(axes) == ndim:
-            return axes
-    return (None,) * ndim
+def _spec_entry(mesh_axes: tuple[str, ...]):
+    return None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+
+
+def declared_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axes `variable` was created with (`param_axes`), or None where it declares none."""
+    axes = variable.get_metadata().get("out_sharding")
+    return None if axes is None else tuple(axes)
 
 
 def _path_str(path) -> str:
@@ -146,27 +207,34 @@ def _path_str(path) -> str:
                 break
         else:
             parts.append(str(key))
-    if parts and parts[-1] == "value":  # nnx.Variable's own pytree key
-        parts.pop()
     return ".".join(parts)
 
 
 def param_shardings(state, mesh: Mesh):
-    """A tree like `state` (an nnx.State of a model or an optimizer, or any pytree) of NamedShardings."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    shardings = []
-    for path, leaf in leaves:
+    """A tree like `state` (an nnx.State of a model or an optimizer, or any pytree) of NamedShardings.
+
+    Each variable is placed by the logical axes it declares (the optimizer's moments carry their
+    parameter's) under the current rules; arrays that declare none are replicated.
+    """
+
+    def place(path, node):
         name = _path_str(path)
-        shape = np.shape(leaf)
-        axes = param_logical_axes(name, len(shape))
-        shardings.append(NamedSharding(mesh, logical_to_spec(axes, shape, mesh, name=name)))
-    return jax.tree_util.tree_unflatten(treedef, shardings)
+        axes = declared_axes(node) if isinstance(node, nnx.Variable) else None
+
+        def sharding_of(leaf):
+            shape = np.shape(leaf)
+            if axes is not None and len(axes) != len(shape):
+                raise ValueError(f"{name}: declares logical axes {axes} for an array of shape {tuple(shape)}")
+            logical = axes if axes is not None else (None,) * len(shape)
+            return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, name=name))
+
+        return jax.tree.map(sharding_of, node) if isinstance(node, nnx.Variable) else sharding_of(node)
+
+    return jax.tree_util.tree_map_with_path(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model, mesh: Mesh) -> None:
-    """Places every array of `model` (a Module, or an nnx.Optimizer) on `mesh` by the table, in place."""
-    from flax import nnx  # the sharding table itself does not depend on flax
-
+    """Places every array of `model` (a Module, or an nnx.Optimizer) on `mesh` by the current rules, in place."""
     state = nnx.state(model)
     leaves, treedef = jax.tree_util.tree_flatten(state)
     shardings = jax.tree_util.tree_leaves(param_shardings(state, mesh))
@@ -175,7 +243,7 @@ def shard_model(model, mesh: Mesh) -> None:
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """`x` constrained to the layout `LOGICAL_RULES` gives `logical_axes`, on the mesh `x` is traced on.
+    """`x` constrained to the layout the current rules give `logical_axes`, on the mesh `x` is traced on.
 
     For activations inside `jit`: the mesh comes from `x`'s type (the mesh of the sharded inputs), so
     the models need no mesh argument; on one device, or on a mesh not made by `make_mesh`, `x` is
@@ -192,8 +260,13 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The leading (batch) dimension split over `LOGICAL_RULES['batch']`, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"]))
+    """The leading (batch) dimension split over the mesh axes of `batch`, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(_spec_entry(mesh_axes("batch"))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many shards `batch_sharding` splits the batch rows into."""
+    return math.prod(mesh.shape[axis] for axis in mesh_axes("batch"))
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -203,7 +276,7 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
     concatenation over processes in process order.
     """
     sharding = batch_sharding(mesh)
-    split = math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+    split = batch_shards(mesh)
     out = {}
     for key, value in local_batch.items():
         value = np.asarray(value)
@@ -211,7 +284,7 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
         if global_rows % split:
             raise ValueError(
                 f"batch[{key!r}]: {global_rows} global rows do not divide by the {split} batch shards "
-                f"(mesh axes {LOGICAL_RULES['batch']})"
+                f"(mesh axes {mesh_axes('batch')})"
             )
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out

@@ -1,5 +1,5 @@
-"""The training recipe (the authors' two stages), the device mesh, and the experiment config that
-`configs/*.py` return: `model`, `data`, `train`, `mesh`, `distributed`."""
+"""The training recipe (the authors' two stages), the device mesh, the layout, and the experiment config
+that `configs/*.py` return: `model`, `data`, `train`, `mesh`, `sharding`, `distributed`."""
 
 from __future__ import annotations
 
@@ -68,6 +68,54 @@ def mesh_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
 
+def sharding_config() -> ml_collections.ConfigDict:
+    """The layout: `logical_axis_rules` maps each logical axis name to the mesh axes it is split over.
+
+    Parameters declare the logical axes of their dimensions where the models create them, and the
+    models constrain their activations by logical name (`med2e3_jax/sharding.py`); this table alone
+    decides where each lands, so a new layout is a config change. One rule is overridden by name, e.g.
+    `--config.sharding.logical_axis_rules.heads=fsdp,tensor` (docs/sharding.md). Mesh axes are tried
+    in order; an empty tuple replicates. The `encoder_*` names are the three encoders' (M3D-CLIP's
+    ViT, SigLIP, BERT), the others the LLM's and the connectors' LLM side.
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            logical_axis_rules=dict(
+                # Rows of the batch and of the LLM's activations.
+                batch=("data", "fsdp"),
+                embed=("fsdp",),
+                heads=("tensor",),
+                kv_heads=("tensor",),
+                mlp=("tensor",),
+                # Vocabulary rows split over fsdp too: the token embeddings must not split `embed`.
+                vocab=("tensor", "fsdp"),
+                # Rows of the encoders' activations: volumes, slices folded into the batch, questions.
+                encoder_batch=("data", "fsdp"),
+                encoder_embed=("fsdp",),
+                encoder_heads=("tensor",),
+                encoder_mlp=("tensor",),
+                encoder_vocab=("tensor", "fsdp"),
+            )
+        )
+    )
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides, *, where: str = "overrides") -> None:
+    """Sets each dotted path of `overrides` ({'mesh.fsdp': 8, ...}) in `config`, in place, as
+    `--config.<path>=<value>` would; a path the config lacks is an error naming `where` and the path."""
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for depth, part in enumerate(parents):
+            if part not in node:
+                raise KeyError(f"{where}: {path!r} names {'.'.join(parents[:depth + 1])!r}, which the config lacks")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"{where}: {path!r} names a field the config lacks; {'.'.join(parents) or 'config'} "
+                           f"has {sorted(node)}")
+        node[leaf] = value
+
+
 def distributed_config() -> ml_collections.ConfigDict:
     """Multi-process runs: `jax.distributed.initialize` is called when num_processes > 1."""
     return ml_collections.ConfigDict(
@@ -84,5 +132,6 @@ def experiment_config(model: ml_collections.ConfigDict, stage: str) -> ml_collec
     config.data.num_vision_tokens = num_vision_tokens(model)
     config.train = train_config(stage)
     config.mesh = mesh_config()
+    config.sharding = sharding_config()
     config.distributed = distributed_config()
     return config

@@ -24,7 +24,6 @@ The last line is `RESULT step_s=… tokens_per_s=… mfu=… peak_memory_gb=… 
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import sys
@@ -85,6 +84,13 @@ def _figure(value, fmt: str) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from med2e3_jax import sharding
+
+    with sharding.logical_axis_rules(sharding.rules_of(FLAGS.config)):
+        _check(FLAGS.config)
+
+
+def _check(config):
     import jax
     import numpy as np
     from flax import nnx
@@ -97,7 +103,6 @@ def main(argv):
     from med2e3_jax.train import step as step_lib
     from med2e3_jax.train.loop import init_model
 
-    config = FLAGS.config
     devices = jax.devices()
     kind = devices[0].device_kind
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devices)} x {kind}", flush=True)
@@ -106,7 +111,7 @@ def main(argv):
     optimizer = state_lib.make_optimizer(model, config.train)
     sharding.shard_model(optimizer, mesh)
     rows = config.train.global_batch_size
-    split = math.prod(mesh.shape[axis] for axis in sharding.LOGICAL_RULES["batch"]) * config.train.micro_batches
+    split = sharding.batch_shards(mesh) * config.train.micro_batches
     if rows % split:  # every device gets the same number of rows in every micro-batch
         rows = split * -(-rows // split)
         print(f"global batch {config.train.global_batch_size} raised to {rows}, a multiple of the batch "

@@ -1,4 +1,4 @@
-"""Sharded training equals unsharded training; the table places parameters, optimizer state and batches.
+"""Sharded training equals unsharded training; the rules place parameters, optimizer state and batches.
 
 Needs 8 devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (scripts/test.sh sets it).
 """
@@ -56,7 +56,7 @@ def unsharded():
 def test_sharded_training_matches_one_device(unsharded, shape):
     mesh = sharding.make_mesh(_mesh_cfg(*shape))
     model, optimizer, losses, params = _train(mesh)
-    # The step hands back every array placed as the table says, so the next step does not recompile.
+    # The step hands back every array placed as the rules say, so the next step does not recompile.
     for node in (model, optimizer):
         placed = [leaf.sharding for leaf in jax.tree.leaves(nnx.state(node))]
         assert placed == jax.tree.leaves(sharding.param_shardings(nnx.state(node), mesh))
@@ -123,16 +123,18 @@ def test_mesh_sizes_resolve_minus_one_and_name_what_does_not_fit():
         sharding.make_mesh(_mesh_cfg(-1, -1, 1))
 
 
-def test_every_parameter_of_the_model_is_named_by_the_table():
-    """A parameter the table misses would silently stay replicated under FSDP: every matrix of the
-    model (ndim >= 2) must carry an axis FSDP splits (`embed`, or `vocab` for embedding rows), except
-    the position / patch embeddings and the CLS token, replicated on purpose (PARAM_LOGICAL_AXES)."""
-    fsdp_axes = {name for name, mesh_axes in sharding.LOGICAL_RULES.items() if "fsdp" in mesh_axes}
+def test_every_parameter_of_the_model_declares_its_logical_axes():
+    """A parameter without a declaration would silently stay replicated under FSDP: every parameter
+    declares one logical axis per dimension where the model creates it, and every matrix (ndim >= 2)
+    carries an axis the default rules split over fsdp (`embed`, or `vocab` for embedding rows), except
+    the position / patch embeddings and the CLS token, kept whole on purpose (sharding.py)."""
+    fsdp_axes = {name for name, mesh_axes in sharding.default_rules() if "fsdp" in mesh_axes}
     replicated_on_purpose = ("position_embedding", "token_type_embeddings", "patch_embedding", "cls_token")
     config = small_config()
     abstract = nnx.eval_shape(lambda: Med2E3(config.model, rngs=nnx.Rngs(0)))
-    for path, value in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         name = ".".join(map(str, path))
-        axes = sharding.param_logical_axes(name, len(value.shape))
-        if len(value.shape) >= 2 and not any(part in name for part in replicated_on_purpose):
-            assert fsdp_axes & set(axes), f"{name} {value.shape} has no axis FSDP splits in PARAM_LOGICAL_AXES"
+        axes = sharding.declared_axes(variable)
+        assert axes is not None and len(axes) == len(variable.shape), f"{name} {variable.shape} declares {axes}"
+        if len(variable.shape) >= 2 and not any(part in name for part in replicated_on_purpose):
+            assert fsdp_axes & set(axes), f"{name} {variable.shape} declares {axes}, none of which FSDP splits"

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from med2e3_jax.models.attention import padding_mask
-from med2e3_jax.models.encoder_layers import SelfAttention, layer_norm
+from med2e3_jax.models.encoder_layers import SelfAttention, encoder_linear, layer_norm
+from med2e3_jax.sharding import param_axes
 
 # HF activation names: 'gelu' is the exact (erf) GELU, 'gelu_new' / 'gelu_pytorch_tanh' the tanh approximation.
 ACTIVATIONS = {
@@ -36,11 +37,14 @@ class BertEmbeddings(nnx.Module):
     """word + token type + absolute position embeddings, then LayerNorm."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        def embed(num):
-            return nnx.Embed(num, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        def embed(num, rows_axis=None):
+            return nnx.Embed(num, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                             embedding_metadata=param_axes(rows_axis, None))
 
         self.max_positions = cfg.max_position_embeddings
-        self.word_embeddings = embed(cfg.vocab_size)
+        # The tables feed the residual stream: the word embeddings split their rows, not `embed`
+        # (sharding.py); the small position and token type tables are kept whole.
+        self.word_embeddings = embed(cfg.vocab_size, "encoder_vocab")
         self.position_embeddings = embed(cfg.max_position_embeddings)
         self.token_type_embeddings = embed(cfg.type_vocab_size)
         self.layer_norm = layer_norm(
@@ -75,11 +79,13 @@ class BertLayer(nnx.Module):
         self.attention_norm = layer_norm(
             cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )
-        self.intermediate = nnx.Linear(
-            cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        self.intermediate = encoder_linear(
+            cfg.hidden_size, cfg.intermediate_size, ("encoder_embed", "encoder_mlp"), bias_axis="encoder_mlp",
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
-        self.output = nnx.Linear(
-            cfg.intermediate_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        self.output = encoder_linear(
+            cfg.intermediate_size, cfg.hidden_size, ("encoder_mlp", "encoder_embed"), dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
         )
         self.output_norm = layer_norm(
             cfg.hidden_size, cfg.layer_norm_eps, rngs=rngs, dtype=dtype, param_dtype=param_dtype
@@ -92,7 +98,8 @@ class BertLayer(nnx.Module):
 
 class BertPooler(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.dense = nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense = encoder_linear(cfg.hidden_size, cfg.hidden_size, ("encoder_embed", None), dtype=dtype,
+                                    param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         """(batch, length, embed) -> (batch, embed) from the first ([CLS]) token."""

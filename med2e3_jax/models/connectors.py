@@ -10,13 +10,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from med2e3_jax.sharding import param_axes
+
 
 class MLPConnector(nnx.Module):
-    """Linear(in, out) -> exact (erf) GELU -> Linear(out, out); torch `_connector.0`, `_connector.2`."""
+    """Linear(in, out) -> exact (erf) GELU -> Linear(out, out); torch `_connector.0`, `_connector.2`.
+
+    `out` is the LLM's width, and its side is the one split (`embed`; the hidden width as `mlp`, since
+    one mesh axis cannot split both dimensions of a kernel); the encoder's side is kept whole.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.linear_in = nnx.Linear(in_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_out = nnx.Linear(out_dim, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        def linear(n_in, axes):
+            return nnx.Linear(n_in, out_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                              kernel_metadata=param_axes(*axes), bias_metadata=param_axes(None))
+
+        self.linear_in = linear(in_dim, (None, "embed"))
+        self.linear_out = linear(out_dim, ("mlp", "embed"))
 
     def __call__(self, features: jax.Array) -> jax.Array:
         """(..., in_dim) -> (..., out_dim)."""

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from med2e3_jax.models.attention import causal_mask, dot_product_attention
+from med2e3_jax.models.attention import DECODER_AXES, causal_mask, dot_product_attention
 from med2e3_jax.models.remat import remat_layer
 from med2e3_jax.models.rope import RotaryEmbedding, apply_rotary, head_dim
+from med2e3_jax.sharding import param_axes
 
 FAMILIES = ("llama", "phi3", "qwen2")
 
@@ -63,7 +64,8 @@ class DecoderOutput(typing.NamedTuple):
     cache: KVCache | None
 
 
-def _linear(cfg, in_features, out_features, *, use_bias, rngs, dtype, param_dtype):
+def _linear(cfg, in_features, out_features, *, axes, use_bias, rngs, dtype, param_dtype):
+    """nnx.Linear whose kernel's dimensions carry the logical `axes` (in, out), and its bias the out one."""
     return nnx.Linear(
         in_features,
         out_features,
@@ -73,6 +75,8 @@ def _linear(cfg, in_features, out_features, *, use_bias, rngs, dtype, param_dtyp
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,
+        kernel_metadata=param_axes(*axes),
+        bias_metadata=param_axes(axes[1]),
     )
 
 
@@ -80,7 +84,7 @@ class RMSNorm(nnx.Module):
     """x / rms(x) * weight, as transformers computes it: statistics in float32, the scale in the input dtype."""
 
     def __init__(self, features: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.weight = nnx.Param(jnp.ones((features,), param_dtype))
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype), **param_axes(None))
         self.eps = eps
         self.dtype = dtype
 
@@ -99,17 +103,17 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         self.attention_impl = attention_impl
         self.fused_qkv = cfg.fused_qkv
-        linear = lambda i, o, bias: _linear(  # noqa: E731
-            cfg, i, o, use_bias=bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        linear = lambda i, o, axes, bias: _linear(  # noqa: E731
+            cfg, i, o, axes=axes, use_bias=bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if cfg.fused_qkv:
-            self.qkv_proj = linear(cfg.hidden_size, q_size + 2 * kv_size, cfg.qkv_bias)
+            self.qkv_proj = linear(cfg.hidden_size, q_size + 2 * kv_size, ("embed", "heads"), cfg.qkv_bias)
         else:
-            self.q_proj = linear(cfg.hidden_size, q_size, cfg.qkv_bias)
-            self.k_proj = linear(cfg.hidden_size, kv_size, cfg.qkv_bias)
-            self.v_proj = linear(cfg.hidden_size, kv_size, cfg.qkv_bias)
-        self.o_proj = linear(q_size, cfg.hidden_size, False)
+            self.q_proj = linear(cfg.hidden_size, q_size, ("embed", "heads"), cfg.qkv_bias)
+            self.k_proj = linear(cfg.hidden_size, kv_size, ("embed", "kv_heads"), cfg.qkv_bias)
+            self.v_proj = linear(cfg.hidden_size, kv_size, ("embed", "kv_heads"), cfg.qkv_bias)
+        self.o_proj = linear(q_size, cfg.hidden_size, ("heads", "embed"), False)
 
     def __call__(self, x, *, cos, sin, mask, layer_cache=None, write_slots=None):
         """
@@ -142,7 +146,7 @@ class Attention(nnx.Module):
             layer_cache = (key, value)
         out = dot_product_attention(
             query, key.astype(query.dtype), value.astype(query.dtype),
-            mask=mask, scale=self.head_dim**-0.5, implementation=self.attention_impl,
+            mask=mask, scale=self.head_dim**-0.5, implementation=self.attention_impl, axes=DECODER_AXES,
         )
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), layer_cache
 
@@ -151,16 +155,16 @@ class MLP(nnx.Module):
     """down(silu(gate(x)) * up(x)); Phi-3 stores gate and up as one `gate_up_proj` = [gate | up]."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        linear = lambda i, o: _linear(  # noqa: E731
-            cfg, i, o, use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        linear = lambda i, o, axes: _linear(  # noqa: E731
+            cfg, i, o, axes=axes, use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )
         self.fused_gate_up = cfg.fused_gate_up
         if cfg.fused_gate_up:
-            self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+            self.gate_up_proj = linear(cfg.hidden_size, 2 * cfg.intermediate_size, ("embed", "mlp"))
         else:
-            self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size)
-            self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
+            self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"))
+            self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"))
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"))
 
     def __call__(self, x):
         if self.fused_gate_up:
@@ -216,6 +220,8 @@ class Decoder(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
+            # Rows, not `embed`: the table feeds the residual stream (sharding.py).
+            embedding_metadata=param_axes("vocab", None),
         )
         self.layers = nnx.List(
             DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
@@ -224,7 +230,8 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(
-                cfg, cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+                cfg, cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, rngs=rngs, dtype=dtype,
+                param_dtype=param_dtype,
             )
 
     def embed(self, input_ids):

@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from med2e3_jax.models.encoder_layers import SelfAttention, layer_norm
+from med2e3_jax import sharding
+from med2e3_jax.models.encoder_layers import SelfAttention, encoder_linear, layer_norm
 from med2e3_jax.models.remat import remat_layer
+from med2e3_jax.sharding import param_axes
 
 
 class SiglipEmbeddings(nnx.Module):
@@ -43,9 +45,13 @@ class SiglipEmbeddings(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
+            # Patch and position embeddings feed the residual stream: kept whole (sharding.py).
+            kernel_metadata=param_axes(None, None, None, None),
+            bias_metadata=param_axes(None),
         )
         self.position_embedding = nnx.Embed(
-            self.num_patches, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            self.num_patches, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            embedding_metadata=param_axes(None, None),
         )
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -78,8 +84,10 @@ class SiglipEmbeddings(nnx.Module):
 
 class SiglipMLP(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = encoder_linear(cfg.hidden_size, cfg.intermediate_size, ("encoder_embed", "encoder_mlp"),
+                                  bias_axis="encoder_mlp", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = encoder_linear(cfg.intermediate_size, cfg.hidden_size, ("encoder_mlp", "encoder_embed"),
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         # SigLIP is trained with `gelu_pytorch_tanh`, the tanh approximation.
@@ -139,6 +147,9 @@ class SiglipVisionTower(nnx.Module):
         """(batch, height, width, channels) channels-last -> (batch, tokens, embed).
 
         `tokens` = (image_size / patch_size)**2, row-major over the patch grid like HF. Pixels are used as
-        given: Med-2E3 feeds raw [0, 1] slices without SigLIP's mean/std normalisation.
+        given: Med-2E3 feeds raw [0, 1] slices without SigLIP's mean/std normalisation. The images are
+        split over `encoder_batch` from the start (the rules may split a volume's slices over more
+        devices than its batch).
         """
+        pixels = sharding.constrain(pixels, ("encoder_batch", None, None, None))
         return self.encoder(self.embeddings(pixels))

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from med2e3_jax.sharding import param_axes
+
 
 @flax.struct.dataclass
 class SliceWeighting:
@@ -42,7 +44,9 @@ class TGIS(nnx.Module):
         self.temperature = float(cfg.temperature)
         self.dropout = nnx.Dropout(cfg.dropout)
         if self.weighting == "tgis":
-            self.text_mlp = nnx.Linear(question_dim, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            # The LLM's side split, like the connectors'.
+            self.text_mlp = nnx.Linear(question_dim, embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                       kernel_metadata=param_axes(None, "embed"), bias_metadata=param_axes(None))
 
     def __call__(self, volume_tokens, slice_tokens, question_feature=None, *, deterministic=True, rngs=None):
         """Returns a `SliceWeighting`.

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx, struct
 
-from med2e3_jax.models.attention import dot_product_attention
-from med2e3_jax.models.encoder_layers import layer_norm
+from med2e3_jax.models.attention import ENCODER_AXES, dot_product_attention
+from med2e3_jax.models.encoder_layers import encoder_linear, layer_norm
+from med2e3_jax.sharding import param_axes
 
 
 @struct.dataclass
@@ -68,17 +69,18 @@ class Attention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.attention_impl = attention_impl
-        self.qkv = nnx.Linear(
-            cfg.hidden_size, 3 * cfg.hidden_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-        self.out_proj = nnx.Linear(cfg.hidden_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv = encoder_linear(cfg.hidden_size, 3 * cfg.hidden_size, ("encoder_embed", "encoder_heads"),
+                                  use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.out_proj = encoder_linear(cfg.hidden_size, cfg.hidden_size, ("encoder_heads", "encoder_embed"),
+                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         """(batch, tokens, embed) -> (batch, tokens, embed); every token attends to every token."""
         batch, tokens, embed = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = dot_product_attention(query, key, value, mask=None, implementation=self.attention_impl)
+        out = dot_product_attention(query, key, value, mask=None, implementation=self.attention_impl,
+                                    axes=ENCODER_AXES)
         return self.out_proj(out.reshape(batch, tokens, embed))
 
 
@@ -86,8 +88,10 @@ class MLP(nnx.Module):
     """monai `MLPBlock`: Linear -> exact (erf) GELU -> Linear."""
 
     def __init__(self, cfg, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.linear1 = nnx.Linear(cfg.hidden_size, cfg.mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear2 = nnx.Linear(cfg.mlp_dim, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear1 = encoder_linear(cfg.hidden_size, cfg.mlp_dim, ("encoder_embed", "encoder_mlp"),
+                                      bias_axis="encoder_mlp", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear2 = encoder_linear(cfg.mlp_dim, cfg.hidden_size, ("encoder_mlp", "encoder_embed"),
+                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.linear2(jax.nn.gelu(self.linear1(x), approximate=False))
@@ -143,16 +147,16 @@ class ViT3D(nnx.Module):
         num_patches = math.prod(self.grid)
         patch_dim = self.in_channels * math.prod(self.patch_size)
 
-        self.patch_embedding = nnx.Linear(
-            patch_dim, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        # Patch and position embeddings and the CLS token feed the residual stream: kept whole (sharding.py).
+        self.patch_embedding = encoder_linear(patch_dim, cfg.hidden_size, (None, None), dtype=dtype,
+                                              param_dtype=param_dtype, rngs=rngs)
         # monai's init (position embeddings ~ truncated normal 0.02, CLS zeros); the encoder is frozen and
         # always loaded from M3D-CLIP, so the init only matters for random smoke tests.
         init = jax.nn.initializers.truncated_normal(0.02)
         self.position_embeddings = nnx.Param(
-            init(rngs.params(), (1, num_patches, cfg.hidden_size), param_dtype)
+            init(rngs.params(), (1, num_patches, cfg.hidden_size), param_dtype), **param_axes(None, None, None)
         )
-        self.cls_token = nnx.Param(jnp.zeros((1, 1, cfg.hidden_size), param_dtype))
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, cfg.hidden_size), param_dtype), **param_axes(None, None, None))
         self.blocks = nnx.List(
             [
                 Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)

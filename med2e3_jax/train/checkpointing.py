@@ -7,13 +7,15 @@ Each step directory `workdir/checkpoints/<step>/` holds five Orbax items:
     optimizer       the optimizer state (step count, AdamW moments) of the trainable parameters
     train_state     JSON: step and the dropout RNG key
     data_iterator   JSON, one file per process (`process_<i>-of-<n>.json`): the Grain iterator state
-    config          JSON: the whole experiment config
+    config          JSON: the whole experiment config, with the sharding rules it ran under
+                    (`sharding.logical_axis_rules`)
 
 Saves are asynchronous (`train.async_checkpointing`) and atomic: Orbax writes into
 `<step>.orbax-checkpoint-tmp-*` and renames it only once every item and every process is done, so a
 save killed midway leaves a temporary directory that `latest_step()` ignores and the previous
 checkpoint untouched. Restoring reads arrays straight onto the shardings of the live model and
-optimizer, so a checkpoint written on one mesh (or one process count) restores onto another.
+optimizer, which the current rules placed, so a checkpoint written on one mesh and rule set (or one
+process count) restores onto another: the saved rules are a record, not a constraint.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from med2e3_jax import sharding
 from med2e3_jax.checkpoint.orbax_params import PARAMS_ITEM
 
 CHECKPOINT_DIR = "checkpoints"
@@ -276,12 +279,16 @@ class TrainCheckpointer:
                 "process count): the data iterator starts afresh",
                 where, jax.process_index(), jax.process_count(),
             )
+        saved_config = ml_collections.ConfigDict(restored[CONFIG])
+        if sharding.rules_of(saved_config) != sharding.current_rules():
+            logger.info("checkpoint %s was written under the sharding rules %s; its arrays are placed by the "
+                        "current ones, %s", where, sharding.rules_of(saved_config), sharding.current_rules())
         train_state = restored[TRAIN_STATE]
         return Restored(
             step=int(train_state["step"]),
             rng_key=_key_from_json(train_state["rng_key"]),
             data_state=iterator_state_from_json(data_state),
-            config=ml_collections.ConfigDict(restored[CONFIG]),
+            config=saved_config,
         )
 
     def wait_until_finished(self) -> None:

@@ -296,6 +296,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     Raises:
       FloatingPointError: the loss or gradient norm became NaN/inf (nothing of that state is saved).
     """
+    # Placement, activation constraints and the jitted step all follow the config's layout.
+    with sharding.logical_axis_rules(sharding.rules_of(config)):
+        return _train(config, workdir, make_iterator)
+
+
+def _train(config, workdir, make_iterator) -> TrainResult:
     workdir = os.path.abspath(os.fspath(workdir))
     sharding.initialize_distributed(config.distributed)
     process_index, process_count = jax.process_index(), jax.process_count()

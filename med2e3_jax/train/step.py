@@ -108,7 +108,7 @@ def slice_score_entropy(scores):
 def batch_groups(rows: int, mesh: Mesh | None) -> int:
     """Row groups the LM head pools targets over: one per batch shard, so that no group spans devices
     (the greatest common divisor with `rows` when the shards do not divide a micro-batch evenly)."""
-    shards = 1 if mesh is None else math.prod(mesh.shape[axis] for axis in sharding.LOGICAL_RULES["batch"])
+    shards = 1 if mesh is None else sharding.batch_shards(mesh)
     return math.gcd(rows, shards)
 
 
@@ -144,7 +144,7 @@ def _mesh_of(inputs) -> Mesh | None:
 
 
 def _keep_placement(node, mesh):
-    """Constrains the updated arrays of `node` to the table's shardings (`sharding.param_shardings`).
+    """Constrains the updated arrays of `node` to the rules' shardings (`sharding.param_shardings`).
 
     Left free, XLA may return an array split differently from how it came in (a bias following its
     kernel's split), and the next call, seeing new input shardings, would compile again.
