@@ -31,13 +31,33 @@ import ml_collections
 
 from configs import med2e3_m3d
 
+# Peak rates per device, vendor figures in decimal units. Link bandwidths are per direction, the bytes
+# a device can send per second (a ring collective sends and receives at once):
+#   H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, NVLink 4 900 GB/s in total = 450 GB/s each way
+#     (https://www.nvidia.com/en-us/data-center/h100/; the same figures, from NVIDIA's Hopper
+#     material, in https://glennklockwood.com/garden/processors/h100).
+#   H200 SXM: the H100's compute and NVLink, 4.8 TB/s HBM3e (https://www.nvidia.com/en-us/data-center/h200/;
+#     NVLink as in MLCommons' H200 system description, "18x 4th Gen NVLink, 900GB/s", https://raw.
+#     githubusercontent.com/mlcommons/inference_results_v4.1/main/closed/NVIDIA/systems/H200-SXM-141GBx8_TRT_MaxQ.json).
+#   Between H100 hosts: one 400 Gb/s InfiniBand NIC per GPU (the HGX/DGX H100 compute fabric) = 50 GB/s each way.
+#   TPU v5p: 459 TFLOP/s bf16, 2765 GB/s HBM2e, ICI 1200 GB/s per chip bidirectional = 600 GB/s each
+#     way, which the page's older version gives as 4800 Gbps (https://cloud.google.com/tpu/docs/v5p-training).
 HARDWARE = {
     "8xh100": dict(devices=8, platform="gpu", device_kind="NVIDIA H100 80GB HBM3", memory_bytes=80e9,
-                   attention_impl="cudnn"),
-    "8xh200": dict(devices=8, platform="gpu", device_kind="NVIDIA H200", memory_bytes=141e9, attention_impl="cudnn"),
+                   attention_impl="cudnn", peak_flops=989e12, hbm_bandwidth=3.35e12, link_bandwidth=450e9,
+                   devices_per_host=8),
+    "8xh200": dict(devices=8, platform="gpu", device_kind="NVIDIA H200", memory_bytes=141e9, attention_impl="cudnn",
+                   peak_flops=989e12, hbm_bandwidth=4.8e12, link_bandwidth=450e9, devices_per_host=8),
     # 16 chips: v5p-32 counts TensorCores. TPUs have no cuDNN: XLA's attention.
     "v5p32": dict(devices=16, platform="tpu", device_kind="TPU v5", memory_bytes=95e9, attention_impl="xla",
-                  topology="v5p:2x2x4"),
+                  topology="v5p:2x2x4", peak_flops=459e12, hbm_bandwidth=2765e9, link_bandwidth=600e9),
+    # 128 chips (v5p-256 counts TensorCores), topology 4x4x8.
+    "v5p256": dict(devices=128, platform="tpu", device_kind="TPU v5", memory_bytes=95e9, attention_impl="xla",
+                   topology="v5p:4x4x8", peak_flops=459e12, hbm_bandwidth=2765e9, link_bandwidth=600e9),
+    # 8 hosts of 8 H100 SXM: NVLink inside a host, InfiniBand between hosts.
+    "64xh100": dict(devices=64, platform="gpu", device_kind="NVIDIA H100 80GB HBM3", memory_bytes=80e9,
+                    attention_impl="cudnn", peak_flops=989e12, hbm_bandwidth=3.35e12, link_bandwidth=450e9,
+                    host_link_bandwidth=50e9, devices_per_host=8),
 }
 
 # plan -> (stage, hardware, mesh (data, fsdp, tensor), micro_batches, remat_policy). The global batch is
@@ -49,7 +69,13 @@ PLANS = {
     "finetune_8xh100": ("finetune", "8xh100", (1, 8, 1), 8, "full"),
     "finetune_8xh200": ("finetune", "8xh200", (1, 8, 1), 4, "full"),
     "finetune_v5p32": ("finetune", "v5p32", (1, 16, 1), 4, "full"),
+    "pretrain_v5p256": ("pretrain", "v5p256", (128, 1, 1), 1, "none"),
+    "pretrain_64xh100": ("pretrain", "64xh100", (64, 1, 1), 1, "none"),
+    "finetune_v5p256": ("finetune", "v5p256", (1, 128, 1), 1, "full"),
+    "finetune_64xh100": ("finetune", "64xh100", (8, 8, 1), 1, "full"),
 }
+# Plans whose global batch is not the stage's: 128 chips cannot split the authors' 64 rows.
+GLOBAL_BATCH = {"pretrain_v5p256": 128}
 
 
 def get_config(plan: str = "finetune_8xh100") -> ml_collections.ConfigDict:
@@ -61,5 +87,6 @@ def get_config(plan: str = "finetune_8xh100") -> ml_collections.ConfigDict:
     config.model.update(remat_policy=remat, attention_impl=machine["attention_impl"])
     config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
     config.train.micro_batches = micro_batches
+    config.train.global_batch_size = GLOBAL_BATCH.get(plan, config.train.global_batch_size)
     config.hardware = ml_collections.ConfigDict(dict(plan=plan, name=hardware, **machine))
     return config
