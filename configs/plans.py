@@ -42,13 +42,33 @@ import ml_collections
 from configs import med2e3_m3d
 from med2e3_jax.train_config import apply_overrides
 
+# Peak rates per device, vendor figures in decimal units. Link bandwidths are per direction, the bytes
+# a device can send per second (a ring collective sends and receives at once):
+#   H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, NVLink 4 900 GB/s in total = 450 GB/s each way
+#     (https://www.nvidia.com/en-us/data-center/h100/; the same figures, from NVIDIA's Hopper
+#     material, in https://glennklockwood.com/garden/processors/h100).
+#   H200 SXM: the H100's compute and NVLink, 4.8 TB/s HBM3e (https://www.nvidia.com/en-us/data-center/h200/;
+#     NVLink as in MLCommons' H200 system description, "18x 4th Gen NVLink, 900GB/s", https://raw.
+#     githubusercontent.com/mlcommons/inference_results_v4.1/main/closed/NVIDIA/systems/H200-SXM-141GBx8_TRT_MaxQ.json).
+#   Between H100 hosts: one 400 Gb/s InfiniBand NIC per GPU (the HGX/DGX H100 compute fabric) = 50 GB/s each way.
+#   TPU v5p: 459 TFLOP/s bf16, 2765 GB/s HBM2e, ICI 1200 GB/s per chip bidirectional = 600 GB/s each
+#     way, which the page's older version gives as 4800 Gbps (https://cloud.google.com/tpu/docs/v5p-training).
 HARDWARE = {
     "8xh100": dict(devices=8, platform="gpu", device_kind="NVIDIA H100 80GB HBM3", memory_bytes=80e9,
-                   attention_impl="cudnn"),
-    "8xh200": dict(devices=8, platform="gpu", device_kind="NVIDIA H200", memory_bytes=141e9, attention_impl="cudnn"),
+                   attention_impl="cudnn", peak_flops=989e12, hbm_bandwidth=3.35e12, link_bandwidth=450e9,
+                   devices_per_host=8),
+    "8xh200": dict(devices=8, platform="gpu", device_kind="NVIDIA H200", memory_bytes=141e9, attention_impl="cudnn",
+                   peak_flops=989e12, hbm_bandwidth=4.8e12, link_bandwidth=450e9, devices_per_host=8),
     # 16 chips: v5p-32 counts TensorCores. TPUs have no cuDNN: XLA's attention.
     "v5p32": dict(devices=16, platform="tpu", device_kind="TPU v5", memory_bytes=95e9, attention_impl="xla",
-                  topology="v5p:2x2x4"),
+                  topology="v5p:2x2x4", peak_flops=459e12, hbm_bandwidth=2765e9, link_bandwidth=600e9),
+    # 128 chips (v5p-256 counts TensorCores), topology 4x4x8.
+    "v5p256": dict(devices=128, platform="tpu", device_kind="TPU v5", memory_bytes=95e9, attention_impl="xla",
+                   topology="v5p:4x4x8", peak_flops=459e12, hbm_bandwidth=2765e9, link_bandwidth=600e9),
+    # 8 hosts of 8 H100 SXM: NVLink inside a host, InfiniBand between hosts.
+    "64xh100": dict(devices=64, platform="gpu", device_kind="NVIDIA H100 80GB HBM3", memory_bytes=80e9,
+                    attention_impl="cudnn", peak_flops=989e12, hbm_bandwidth=3.35e12, link_bandwidth=450e9,
+                    host_link_bandwidth=50e9, devices_per_host=8),
 }
 
 
@@ -83,7 +103,16 @@ PLANS = {
                        "model.remat_policy": "full"},
     "finetune_8xh100_tp": {"stage": "finetune", "hardware": "8xh100", **mesh(fsdp=4, tensor=2),
                            "train.micro_batches": 8, "model.remat_policy": "full", **LLM_TENSOR_PARALLEL},
+    "pretrain_v5p256": {"stage": "pretrain", "hardware": "v5p256", **mesh(data=128), "train.micro_batches": 1,
+                        "model.remat_policy": "none", "train.global_batch_size": 128},
+    "pretrain_64xh100": {"stage": "pretrain", "hardware": "64xh100", **mesh(data=64), "train.micro_batches": 1,
+                         "model.remat_policy": "none"},
+    "finetune_v5p256": {"stage": "finetune", "hardware": "v5p256", **mesh(fsdp=128), "train.micro_batches": 1,
+                        "model.remat_policy": "full"},
+    "finetune_64xh100": {"stage": "finetune", "hardware": "64xh100", **mesh(data=8, fsdp=8), "train.micro_batches": 1,
+                         "model.remat_policy": "full"},
 }
+# pretrain_v5p256 doubles the authors' global batch of 64: 128 chips cannot split 64 rows.
 
 
 def get_config(plan: str = "finetune_8xh100") -> ml_collections.ConfigDict:

@@ -1,4 +1,5 @@
-"""Memory per device of a training config's step on a mesh of N devices, without the devices.
+"""Memory, work and traffic per device of a training config's step on a mesh of N devices, without the
+devices.
 
     python scripts/memory_plan.py --config configs/plans.py:finetune_8xh100
     python scripts/memory_plan.py --all                       # every plan of configs/plans.py, one table
@@ -14,8 +15,8 @@ estimate of `med2e3_jax/memory.py`, against the device memory of the plan's `har
 
 What the XLA figures are: those of XLA's CPU compiler (`compiled.memory_analysis()`: arguments,
 outputs, temporaries, generated code), which partitions the step exactly as the GPU/TPU compiler would
-but fuses and schedules differently. The step is traced as on the plan's platform (the micro-batch loop
-stays a loop, as on accelerators; `train/step.py` unrolls it on CPU only), and the CPU compiler's
+but fuses and schedules differently. The step is the one every backend runs (the micro-batch loop
+is a loop everywhere), and the CPU compiler's
 memory-minimising scheduler is used. What XLA:CPU was seen to do, from its buffer assignments, that
 makes these figures an upper bound of what the step needs:
   - with micro-batches (a loop), it hoists the FSDP all-gathers of the weights out of the loop: every
@@ -28,21 +29,41 @@ makes these figures an upper bound of what the step needs:
 The analytic estimate counts what the step needs (no hoisted weights, one layer recomputed at a time);
 the truth on an accelerator lies between the two.
 
+Beside the memory, it reads the compiled step's HLO (`med2e3_jax/roofline.py`) for what one device
+computes and moves per step: the matmul FLOPs (next to XLA's `cost_analysis()` and the model FLOPs of
+`med2e3_jax/flops.py`), the bytes its top-level instructions read and write in HBM, and the bytes each
+collective kind sends by the ring algorithm (all-gather (n-1)/n x result, reduce-scatter (n-1)/n x
+operand, all-reduce 2(n-1)/n x result, all-to-all (n-1)/n x result, collective-permute the result, over
+groups of n devices), instructions in while loops counted once per trip. From the peak rates of the
+plan's `hardware` section it gives a roofline step time, max(FLOPs / peak FLOP/s, HBM bytes / HBM
+bandwidth, collective bytes / link bandwidth), and the MFU it allows, model FLOPs / (step time x peak).
+A collective whose device groups span hosts (`hardware.devices_per_host`, device id // that) moves all
+its bytes at the slower between-host bandwidth (`hardware.host_link_bandwidth`).
+
+What the roofline leaves out (so the step time is a lower bound, the MFU an upper one): no overlap is
+lost and none is modelled beyond taking the largest term, i.e. compute, HBM traffic and communication
+are assumed to overlap perfectly; collectives run one after the other at the link's peak, with no
+latency, no topology (a torus axis, NVSwitch, rail-optimised IB: every group gets the device's whole
+bandwidth, hierarchical algorithms are not considered); no stragglers, no input pipeline, no host
+work, no kernel launch overheads; and the step is XLA:CPU's program: its fusion (more HBM traffic than
+GPU/TPU fusions, no fused attention), its collectives (an all-reduce followed by a slice of the device's
+share is counted as the reduce-scatter the GPU/TPU pipelines make of it) and its loop-invariant
+hoisting (FSDP all-gathers of a micro-batch loop run once, not once per micro-batch).
+
 The last line is `RESULT plans=<n> fit=<n fitting with >= 10% headroom>` (or, for one config without a
 device memory, `RESULT total_gb=<XLA total>`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
-from unittest import mock
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -51,7 +72,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 config_flags.DEFINE_config_file("config", None, "experiment config, e.g. configs/plans.py:finetune_8xh100",
                                 lock_config=False)
-flags.DEFINE_bool("all", False, "every plan of configs/plans.py, each in its own process; one Markdown table")
+flags.DEFINE_bool("all", False, "every plan of configs/plans.py, each in its own process; Markdown tables")
+flags.DEFINE_list("plans", [], "with --all: only these plans of configs/plans.py")
 flags.DEFINE_integer("devices", 0, "fake devices (default: config.hardware.devices, else the mesh's product)")
 flags.DEFINE_string("json_out", "", "also write the figures to this JSON file")
 FLAGS = flags.FLAGS
@@ -63,6 +85,11 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 _CPU_NOTE = ("XLA figures: per device, from XLA's CPU compiler (compiled.memory_analysis(): arguments, "
              "outputs, temporaries, generated code) for the fake mesh; they approximate, and here "
              "overestimate, what the GPU/TPU compiler allocates (see the script's docstring)")
+_ROOFLINE_NOTE = ("Roofline: step >= max(FLOPs / peak, HBM bytes / HBM bandwidth, collective bytes / link bandwidth) "
+                  "per device, FLOPs and bytes read from XLA:CPU's compiled step; MFU = model FLOPs / (step x peak). "
+                  "Not modelled: compute/communication overlap (assumed perfect), latency, topology-aware and "
+                  "hierarchical collectives, stragglers, the input pipeline, XLA:CPU vs GPU/TPU fusion and "
+                  "scheduling (its HBM traffic is higher than a GPU/TPU's)")
 
 
 def _device_count(config) -> int:
@@ -91,22 +118,31 @@ def plan_memory(config, devices: int) -> dict:
     """Compiles the config's step on `devices` fake devices: XLA's and the analytic figures, in bytes."""
     import jax
 
-    from med2e3_jax import memory, sharding
+    from med2e3_jax import memory, roofline, sharding
 
     if jax.device_count() != devices:
         raise RuntimeError(f"{devices} devices wanted, jax has {jax.device_count()} (XLA_FLAGS set too late?)")
     mesh = sharding.make_mesh(config.mesh)
-    platform = config.hardware.platform if "hardware" in config else jax.default_backend()
-    # train/step.py unrolls the micro-batch loop where jax.default_backend() is 'cpu' (faster there);
-    # the plan is for `platform`, whose trainer keeps the loop, so trace it as that platform would.
-    traced_as = mock.patch.object(jax, "default_backend", lambda: platform) if platform != "cpu" else \
-        contextlib.nullcontext()
     start = time.perf_counter()
-    with traced_as:
-        lowered = memory.lower_abstract_train_step(config, mesh)
+    lowered = memory.lower_abstract_train_step(config, mesh)
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
     estimate = memory.estimate(config, mesh_shape=dict(mesh.shape))
+    counts = roofline.read_hlo(compiled.as_text(), devices)
+    cost = roofline.cost_analysis(compiled)
+    model_flops = _model_flops(config) / devices
+    step = dict(
+        hlo_matmul_flops=counts.matmul_flops, xla_cost_flops=cost.get("flops"),
+        xla_cost_bytes_accessed=cost.get("bytes accessed"), model_flops=model_flops, hbm_bytes=counts.memory_bytes,
+        loop_trip_counts=list(counts.loop_trip_counts), collective_bytes=counts.collective_bytes(),
+        collective_ops={k: sum(c.kind == k for c in counts.collectives) for k in roofline.COLLECTIVE_KINDS},
+    )
+    if "hardware" in config and "peak_flops" in config.hardware:
+        device = roofline.Device.from_config(config.hardware)
+        bounds = roofline.roofline(counts.matmul_flops, counts.memory_bytes, counts.collectives, device)
+        step["roofline"] = dict(compute_s=bounds.compute_s, memory_s=bounds.memory_s, network_s=bounds.network_s,
+                                network_between_hosts_s=bounds.network_host_s, step_s=bounds.step_s,
+                                bound=bounds.bound, mfu=roofline.mfu(model_flops, bounds.step_s, device.peak_flops))
     train = config.train
     return dict(
         config=config.hardware.plan if "hardware" in config else "",
@@ -123,13 +159,32 @@ def plan_memory(config, devices: int) -> dict:
         param_dtype=config.model.param_dtype,
         attention_impl=config.model.attention_impl,
         compile_seconds=seconds,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         xla=memory.xla_memory(compiled),
         analytic=dict(parameters=estimate.parameters, gradients=estimate.gradients, optimizer=estimate.optimizer,
                       activations=estimate.activations, total=estimate.total, **{
                           f"activations.{k}": v for k, v in estimate.activation_parts.items()}),
         total_parameters=estimate.total_parameters,
         trainable_parameters=estimate.trainable_parameters,
+        step=step,
     )
+
+
+def _model_flops(config) -> float:
+    """Model FLOPs of one step (`med2e3_jax/flops.py`) on a global batch whose rows have as many
+    supervised positions as the abstract lowering gives the LM head (`train.step.target_slots`)."""
+    import numpy as np
+
+    from med2e3_jax import flops
+    from med2e3_jax.config import IGNORE_INDEX
+    from med2e3_jax.train import step as step_lib
+
+    rows, length = config.train.global_batch_size, config.model.llm_max_length
+    labels = np.full((rows, length), IGNORE_INDEX, np.int32)
+    labels[:, length - step_lib.target_slots(length):] = 0
+    batch = dict(input_ids=np.zeros((rows, length), np.int32), labels=labels,
+                 question_ids=np.zeros((rows, config.data.question_max_length), np.int32))
+    return flops.model_flops(config.model, batch, config.train.trainable)
 
 
 def _headroom(used: float, capacity: float | None) -> float | None:
@@ -148,7 +203,8 @@ def print_plan(r: dict) -> None:
           f"global batch {r['global_batch']} = {r['micro_batches']} micro-batches, {r['rows_per_device']:g} rows "
           f"per device each; remat {r['remat_policy']}; compute {r['dtype']}, parameters {r['param_dtype']}; "
           f"attention {r['attention_impl']} (XLA's on this CPU); parameters {r['total_parameters'] / 1e9:.3f}B, "
-          f"trainable {r['trainable_parameters'] / 1e9:.3f}B; compiled in {r['compile_seconds']:.0f} s")
+          f"trainable {r['trainable_parameters'] / 1e9:.3f}B; compiled in {r['compile_seconds']:.0f} s, "
+          f"{r['peak_rss_bytes'] / GB:.1f} GB peak RSS")
     xla, analytic = r["xla"], r["analytic"]
     print(f"  {'GB per device':<26}{'XLA:CPU':>10}   {'analytic':<32}{'':>8}")
     left = [("arguments", xla["arguments"]), ("outputs", xla["outputs"]), ("- aliased (donated)", xla["aliased"]),
@@ -161,6 +217,24 @@ def print_plan(r: dict) -> None:
     print(f"  {'total':<26}{xla['total'] / GB:>10.2f}   {'total':<32}{analytic['total'] / GB:>8.2f}")
     print(f"  headroom of {memory}: XLA:CPU {_pct(_headroom(xla['total'], r['device_memory']))}, "
           f"analytic {_pct(_headroom(analytic['total'], r['device_memory']))}")
+    print_step(r["step"])
+
+
+def print_step(step: dict) -> None:
+    loops = ", ".join(str(t) for t in step["loop_trip_counts"]) or "none"
+    print(f"  per device and step: matmul FLOPs {step['hlo_matmul_flops']:.3g} (compiled HLO, loops x trip counts "
+          f"[{loops}]), {step['xla_cost_flops']:.3g} (XLA cost analysis: while bodies once, elementwise too), "
+          f"model {step['model_flops']:.3g} (flops.py; compiled / model = "
+          f"{step['hlo_matmul_flops'] / step['model_flops']:.2f})")
+    print(f"  HBM traffic {step['hbm_bytes'] / GB:.1f} GB (XLA:CPU's top-level instructions; cost analysis: "
+          f"{step['xla_cost_bytes_accessed'] / GB:.1f} GB, while bodies once)")
+    moved = ", ".join(f"{k} {v / GB:.2f} ({step['collective_ops'][k]} ops)" for k, v in step["collective_bytes"].items())
+    print(f"  collectives, GB sent (ring): {moved}")
+    if "roofline" in step:
+        b = step["roofline"]
+        print(f"  roofline: compute {b['compute_s'] * 1e3:.1f} ms, HBM {b['memory_s'] * 1e3:.1f} ms, network "
+              f"{b['network_s'] * 1e3:.1f} ms ({b['network_between_hosts_s'] * 1e3:.1f} ms between hosts) -> "
+              f"{b['bound']}-bound, step >= {b['step_s'] * 1e3:.1f} ms, MFU <= {b['mfu']:.0%}")
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -181,6 +255,28 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def step_table(results: list[dict]) -> str:
+    head = ("| plan | devices | mesh (data, fsdp, tensor) | global batch | TFLOP/device: model / compiled | HBM GB | "
+            "GB sent: all-gather / reduce-scatter / all-reduce / all-to-all / permute | ms: compute / HBM / network "
+            "(between hosts) | bound | step ms | MFU |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        s, moved = r["step"], r["step"]["collective_bytes"]
+        b = s.get("roofline")
+        mesh = ", ".join(str(v) for v in r["mesh"].values())
+        sent = " / ".join(f"{moved[k] / GB:.1f}" for k in moved)
+        mfu = f"{b['mfu']:.0%}" if b else "n/a"
+        times = (f"{b['compute_s'] * 1e3:.0f} / {b['memory_s'] * 1e3:.0f} / {b['network_s'] * 1e3:.0f} "
+                 f"({b['network_between_hosts_s'] * 1e3:.0f})") if b else "n/a"
+        rows.append(
+            f"| `{r['config']}` | {r['devices']} x {r['device_kind']} | ({mesh}) | {r['global_batch']} | "
+            f"{s['model_flops'] / 1e12:.1f} / {s['hlo_matmul_flops'] / 1e12:.1f} | {s['hbm_bytes'] / GB:.0f} | {sent} | "
+            f"{times} | {b['bound'] if b else 'n/a'} | **{b['step_s'] * 1e3:.0f}** | " if b else
+            f"{times} | n/a | n/a | "
+            f"{mfu} |")
+    return "\n".join(rows)
+
+
 def _fits(r: dict) -> bool:
     return bool(r["device_memory"]) and r["xla"]["total"] <= (1 - HEADROOM) * r["device_memory"]
 
@@ -191,7 +287,11 @@ def run_all() -> None:
     results = []
     script, plans_file = os.path.abspath(__file__), os.path.abspath(plans.__file__)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in plans.PLANS:
+        names = FLAGS.plans or list(plans.PLANS)
+        unknown = sorted(set(names) - set(plans.PLANS))
+        if unknown:
+            raise app.UsageError(f"--plans {unknown}: configs/plans.py has {sorted(plans.PLANS)}")
+        for name in names:
             out = os.path.join(tmp, f"{name}.json")
             print(f"compiling {name} ...", flush=True)
             subprocess.run([sys.executable, script, f"--config={plans_file}:{name}", f"--json_out={out}"], check=True)
@@ -200,6 +300,9 @@ def run_all() -> None:
     print()
     print(_CPU_NOTE + ".")
     print(markdown_table(results))
+    print()
+    print(_ROOFLINE_NOTE + ".")
+    print(step_table(results))
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
@@ -219,6 +322,7 @@ def main(argv):
     _reexec_with_devices(devices)
     result = plan_memory(config, devices)
     print(_CPU_NOTE + ".")
+    print(_ROOFLINE_NOTE + ".")
     print_plan(result)
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w", encoding="utf-8") as f:

@@ -65,10 +65,17 @@ def test_every_plan_is_sized_for_its_machine():
         config = plans.get_config(name)
         mesh = config.mesh
         assert config.hardware.devices == mesh.data * mesh.fsdp * mesh.tensor, name
-        assert config.train.global_batch_size == {"pretrain": 64, "finetune": 128}[plan["stage"]], name
+        # The authors' batches, except on 128 chips, which cannot split pretraining's 64 rows.
+        authors = {"pretrain": 64, "finetune": 128}[plan["stage"]]
+        assert config.train.global_batch_size == (128 if name == "pretrain_v5p256" else authors), name
         rows = config.train.global_batch_size / config.train.micro_batches / (mesh.data * mesh.fsdp)
         assert rows == int(rows) >= 1, f"{name}: {rows} rows per device"
+        for rate in ("peak_flops", "hbm_bandwidth", "link_bandwidth"):
+            assert config.hardware[rate] > 0, (name, rate)
     assert plans.get_config("finetune_v5p32").hardware.devices == 16  # v5p-32 counts TensorCores
+    assert plans.get_config("finetune_v5p256").hardware.devices == 128  # and v5p-256 too
+    pod = plans.get_config("finetune_64xh100").hardware
+    assert pod.devices == 64 and pod.devices_per_host == 8 and pod.host_link_bandwidth < pod.link_bandwidth
     with pytest.raises(ValueError, match="finetune_8xh100"):
         plans.get_config("finetune_8xa100")
 
@@ -109,6 +116,12 @@ def test_memory_plan_script_compiles_the_step_on_a_fake_mesh(tmp_path):
     assert result["total_parameters"] == sum(counted.values())
     trainable = tiny.get_config().train.trainable
     assert result["trainable_parameters"] == sum(v for k, v in counted.items() if k in trainable)
+    # The compiled step's matmuls against the model FLOPs counted from the config (flops.py): the same
+    # work up to recomputation and the LM head's empty slots.
+    step = result["step"]
+    assert 0.8 < step["hlo_matmul_flops"] / step["model_flops"] < 1.5, step
+    assert step["collective_bytes"]["all-gather"] > 0 and step["collective_bytes"]["reduce-scatter"] > 0, step
+    assert "per device and step" in run.stdout
     # Each device holds about half of the float32 parameters and Adam state (FSDP over 2 devices).
     state_bytes = 4 * (result["total_parameters"] + 2 * result["trainable_parameters"])
     assert 0.4 * state_bytes < result["xla"]["arguments"] < 0.75 * state_bytes
