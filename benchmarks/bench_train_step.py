@@ -382,7 +382,7 @@ def main():
     analytic = model_flops(config.model, batch, set(config.train.trainable))
     for name, (cfg, head_batch) in head_share_configs(config, batch).items():
         share, computed = head_share(cfg, head_batch)
-        print(f"LM head share of the model FLOPs, {name}: {share:.1%} on the supervised positions, {computed:.1%} "
+        print(f"LM head share of the model FLOPs, {name}: {share:.2%} on the supervised positions, {computed:.2%} "
               f"on the slots the step computes (train.head_slots_per_row={cfg.train.head_slots_per_row})")
     print(f"model FLOPs per step: {analytic:.3e} (from the config; see model_flops), "
           f"achieved {analytic / jax_s:.3e} FLOP/s")
