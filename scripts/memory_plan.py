@@ -172,16 +172,16 @@ def plan_memory(config, devices: int) -> dict:
 
 def _model_flops(config) -> float:
     """Model FLOPs of one step (`med2e3_jax/flops.py`) on a global batch whose rows have as many
-    supervised positions as the abstract lowering gives the LM head (`train.step.target_slots`)."""
+    supervised positions as the LM head's default slots per row (`models.lm_loss.default_slots_per_row`)."""
     import numpy as np
 
     from med2e3_jax import flops
     from med2e3_jax.config import IGNORE_INDEX
-    from med2e3_jax.train import step as step_lib
+    from med2e3_jax.models.lm_loss import default_slots_per_row
 
     rows, length = config.train.global_batch_size, config.model.llm_max_length
     labels = np.full((rows, length), IGNORE_INDEX, np.int32)
-    labels[:, length - step_lib.target_slots(length):] = 0
+    labels[:, length - default_slots_per_row(length):] = 0
     batch = dict(input_ids=np.zeros((rows, length), np.int32), labels=labels,
                  question_ids=np.zeros((rows, config.data.question_max_length), np.int32))
     return flops.model_flops(config.model, batch, config.train.trainable)
