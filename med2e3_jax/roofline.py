@@ -13,7 +13,9 @@ counts, per step and per device:
   - collectives: each all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute with
     its result bytes and its device groups.
 
-An instruction inside a `while` body counts `known_trip_count` times (nested loops multiply); a loop
+A `conditional`'s branches count zero times (whether they run depends on the data: the LM head's
+overflow chunks run only for a batch with more targets than slots), so the figures are those of a step
+whose batches fit the static layout. An instruction inside a `while` body counts `known_trip_count` times (nested loops multiply); a loop
 without a known trip count is an error, since its cost cannot be known. XLA's own
 `compiled.cost_analysis()` counts a while body once, which is why the counts are taken here.
 
@@ -228,12 +230,13 @@ def _called(instruction: Instruction) -> list[tuple[str, str]]:
     found = []
     for key, names in re.findall(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%([^\s,}]+)",
                                  instruction.attributes):
-        role = {"calls": "fused" if instruction.opcode == "fusion" else "called"}.get(key, key)
+        role = {"calls": "fused" if instruction.opcode == "fusion" else "called",
+                "true_computation": "branch", "false_computation": "branch"}.get(key, key)
         if key == "to_apply":
             role = "called" if instruction.opcode == "call" else "reducer"
         found.append((role, names))
     for branches in re.findall(r"branch_computations=\{([^}]*)\}", instruction.attributes):
-        found += [("called", b.strip().lstrip("%")) for b in branches.split(",") if b.strip()]
+        found += [("branch", b.strip().lstrip("%")) for b in branches.split(",") if b.strip()]
     return found
 
 
@@ -253,8 +256,8 @@ def execution_counts(computations: Mapping[str, list[Instruction]], entry: str
             for role, callee in _called(instruction):
                 if callee not in computations:
                     raise ValueError(f"%{instruction.name} calls %{callee}, which the module does not define")
-                callers.setdefault(callee, []).append((computation, {"body": trip, "condition": trip + 1}.get(role, 1)))
-                if role in ("body", "condition", "called"):
+                callers.setdefault(callee, []).append((computation, {"body": trip, "condition": trip + 1, "branch": 0}.get(role, 1)))
+                if role in ("body", "condition", "called", "branch"):
                     top_level.add(callee)
     counts = {entry: 1}
 

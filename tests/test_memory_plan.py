@@ -123,7 +123,9 @@ def test_memory_plan_script_compiles_the_step_on_a_fake_mesh(tmp_path):
     # work up to recomputation and the LM head's empty slots.
     step = result["step"]
     assert 0.8 < step["hlo_matmul_flops"] / step["model_flops"] < 1.5, step
-    assert step["collective_bytes"]["all-gather"] > 0 and step["collective_bytes"]["reduce-scatter"] > 0, step
+    # FSDP gathers the weights and reduces the gradients (XLA:CPU may reduce by all-reduce or reduce-scatter).
+    moved = step["collective_bytes"]
+    assert moved["all-gather"] > 0 and moved["reduce-scatter"] + moved["all-reduce"] > 0, step
     assert "per device and step" in run.stdout
     # Each device holds about half of the float32 parameters and Adam state (FSDP over 2 devices).
     state_bytes = 4 * (result["total_parameters"] + 2 * result["trainable_parameters"])
