@@ -81,12 +81,13 @@ def head_share_configs(config, batch):
 def head_share(config, batch) -> tuple[float, float]:
     """(the LM head's share of `model_flops` with the head on the supervised positions, its share with the
     head on the slots the step's layout computes: at least `head_slots_per_row` a row)."""
+    from med2e3_jax.config import IGNORE_INDEX
     from med2e3_jax.flops import model_flops_by_part
     from med2e3_jax.models.lm_loss import default_slots_per_row
 
     parts = model_flops_by_part(config.model, batch, set(config.train.trainable))
     rows, length = batch["labels"].shape
-    targets = int((batch["labels"][:, 1:] != -100).sum())
+    targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     per_row = config.train.head_slots_per_row
     per_row = default_slots_per_row(length) if per_row == -1 else per_row or length - 1
     computed = parts["lm_head"] * max(rows * per_row, targets) / max(targets, 1)

@@ -201,8 +201,7 @@ def _head_loss_backward(unconditional, keep_logits, residuals, cotangent):
         grad_kernel, first = _chunk_grads(kernel, hidden[0], targets[0], valid[0], cotangent, kept)
         grad_head = first[None]
     else:
-        grad_kernel, grad_head = _each_chunk(always, grad_kernel, head)
-        grad_head = jnp.zeros_like(head[0]) if grad_head is None else grad_head
+        grad_kernel, grad_head = jax.lax.scan(always, grad_kernel, head)  # at least one unconditional chunk
     rest = (hidden[unconditional:], targets[unconditional:], valid[unconditional:])
     grad_kernel, grad_rest = _each_chunk(when_targeted, grad_kernel, rest)
     grad_hidden = grad_head if grad_rest is None else jnp.concatenate([grad_head, grad_rest])
