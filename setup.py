@@ -30,6 +30,7 @@ setup(
         "scipy>=1.11",
         "tensorflow-datasets>=4.9.7",
         "array_record>=0.7",
+        "importlib_resources",  # imported by tensorflow-datasets, which does not declare it
         "gguf",  # reading the tokenizer-only GGUF files of scripts/fetch_assets.py
         # evaluation metrics (med2e3_jax/evaluation/metrics.py)
         "nltk>=3.9",

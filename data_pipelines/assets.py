@@ -25,7 +25,7 @@ import zipfile
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "med2e3_jax", "assets")
+CACHE_ENV = "MED2E3_CACHE"  # the asset folder itself, overriding the XDG location
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,14 @@ class AssetError(RuntimeError):
 
 
 def cache_dir(path: str | None = None) -> str:
-    return os.path.abspath(path or os.environ.get("MED2E3_ASSETS", DEFAULT_CACHE))
+    """The asset folder: `path` if given, else `$MED2E3_CACHE`, else `$XDG_CACHE_HOME/med2e3_jax/assets`
+    (`XDG_CACHE_HOME` defaulting to ~/.cache, as the XDG base-directory specification says; a relative
+    value is ignored, as it requires)."""
+    if path or os.environ.get(CACHE_ENV):
+        return os.path.abspath(os.path.expanduser(path or os.environ[CACHE_ENV]))
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "med2e3_jax", "assets")
 
 
 def asset_path(name: str, cache: str | None = None) -> str:

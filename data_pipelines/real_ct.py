@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the distractors, absent organs and letters")
     parser.add_argument("--slices", type=int, default=32, help="depth of the model's volume: slice ranges are on it")
     parser.add_argument("--cache", default=None,
-                        help="the asset cache (default $MED2E3_ASSETS or ~/.cache/med2e3_jax/assets)")
+                        help="the asset cache (default $MED2E3_CACHE, else $XDG_CACHE_HOME/med2e3_jax/assets)")
     args = parser.parse_args(argv)
     paths = build_grounded_set(args.out, seed=args.seed, slices=args.slices, cache=args.cache)
     counts = {name: len(json.loads(pathlib.Path(path).read_text()))

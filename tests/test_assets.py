@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from data_pipelines.assets import TOKENIZERS, asset_path, fetch_assets
+from data_pipelines.assets import TOKENIZERS, asset_path, cache_dir, fetch_assets
 
 
 def _llama_cpp_vectors(gguf):
@@ -63,3 +63,19 @@ def test_fetching_again_is_a_no_op(monkeypatch):
 
     monkeypatch.setattr("subprocess.run", no_network)
     fetch_assets()
+
+
+def test_cache_follows_xdg_unless_med2e3_cache_or_an_argument_says_otherwise(monkeypatch, tmp_path):
+    monkeypatch.delenv("MED2E3_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == str(tmp_path / "home/.cache/med2e3_jax/assets")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert cache_dir() == str(tmp_path / "home/.cache/med2e3_jax/assets")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == str(tmp_path / "xdg/med2e3_jax/assets")
+    monkeypatch.setenv("MED2E3_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == str(tmp_path / "mine")
+    assert cache_dir(str(tmp_path / "arg")) == str(tmp_path / "arg")
+    with pytest.raises(RuntimeError, match="mine/minilm is missing"):
+        asset_path("minilm")

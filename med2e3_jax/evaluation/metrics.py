@@ -105,7 +105,7 @@ def rouge(prediction: str, reference: str, types: Sequence[str] = ("rouge1", "ro
 
 def nltk_data_dir(cache: str | os.PathLike | None = None) -> pathlib.Path:
     """The `nltk_data` folder `prepare_nltk_data` fills: under the project's asset cache
-    (`$MED2E3_ASSETS`, default ~/.cache/med2e3_jax/assets) unless `cache` is given."""
+    (`data_pipelines.assets.cache_dir`) unless `cache` is given."""
     if cache is None:
         from data_pipelines.assets import cache_dir
 
