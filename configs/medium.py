@@ -6,9 +6,9 @@ The released encoders at full size (M3D-CLIP ViT-B 87M, SigLIP-L/16-256 303M, BE
 released 32x256x256 volume and 768-token prompt, and a Phi-3-family LLM of half the width and layers
 (hidden 1536, 16 layers, 16 heads of 96 like Phi-3-mini, so that its LongRoPE factors apply; 551M),
 bf16 compute over float32 weights, cuDNN attention where it accepts the call, remat 'full', global
-batch 4 (a multiple of the device count is taken on more devices: scripts/device_check.py). On one
-device `scripts/memory_plan.py --config configs/medium.py --devices 1` gives 21 GB by the analytic
-estimate and 84 GB by XLA:CPU's (an upper bound; 145 GB at batch 8, too close to an H200's 141 GB).
+batch 4 (a multiple of the device count is taken on more devices: scripts/device_check.py), which
+fits one 80 GB device by both of `scripts/memory_plan.py --config configs/medium.py --devices 1`'s
+figures, where batch 8 would come too close to an H200's 141 GB.
 """
 
 from configs import med2e3_m3d

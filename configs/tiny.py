@@ -37,7 +37,7 @@ def get_config(options="finetune"):
     options: the stage (`pretrain` | `finetune`), then optionally `,minilm`: TG-IS reads the question with
     the real pretrained all-MiniLM-L6-v2 (fetched by scripts/fetch_assets.py) instead of the tiny random
     BERT; frozen in both stages, like M3D-CLIP's BERT in the released model, and 6 layers of width 384
-    instead of one of 64, so a step costs a little more (0.35 s against 0.33 s on 2 CPU cores).
+    instead of one of 64, so a step costs a little more.
     """
     stage, *extras = options.split(",")
     unknown = set(extras) - {"minilm"}

@@ -38,9 +38,8 @@ From the workers, the volumes cross in shared memory that is recycled (`shm_slot
 stacks them straight into one of its slots and the chunk carries a small descriptor in their place;
 the main process copies them out as the chunk arrives and frees the slot, and unlinks the run's
 slots when the iterator is closed, restored or exhausted. A fresh segment per batch would cost the
-worker its page faults and zeroing every time (12-14 ms for two (1, 32, 256, 256) float32 volumes,
-against ~1.5 ms for the stack and the copy together). The token arrays are pickled. Without
-workers nothing goes through shared memory. For the same reason each worker process tells glibc's
+worker its page faults and zeroing every time, several times the stack and the copy together. The
+token arrays are pickled. Without workers nothing goes through shared memory. For the same reason each worker process tells glibc's
 malloc to keep freed large arrays' memory (`_keep_freed_memory`), so that preprocessing a volume
 does not fault in fresh pages either.
 
@@ -460,10 +459,9 @@ def _keep_freed_memory(worker_index: int, worker_count: int) -> None:
 
     By default it gives each array of a few MB (a volume, the temporaries of preprocessing it) a
     fresh mmap, or trims the heap top when it is freed, so every volume faults in and zeroes new
-    pages: the cost the shared-memory slots remove from the transfer, here in preprocessing (a
-    quarter of the workers' CPU time on .npy volumes of (1, 32, 256, 256)). A fixed mmap threshold
-    and a high trim threshold keep them in the heap: a worker holds on to its peak heap between
-    batches (~60 MB more resident there) instead of returning it and faulting it in again. Only in
+    pages: the cost the shared-memory slots remove from the transfer, here in preprocessing. A fixed
+    mmap threshold and a high trim threshold keep them in the heap: a worker holds on to its peak
+    heap between batches instead of returning it and faulting it in again. Only in
     the worker processes, which the pipeline owns; a no-op without glibc's `mallopt`.
     """
     del worker_index, worker_count

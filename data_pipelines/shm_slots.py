@@ -1,10 +1,9 @@
 """Recycled shared-memory slots: large arrays from Grain worker processes to the main process.
 
-A fresh shared-memory segment per batch makes the worker allocate, zero and later free tmpfs pages:
-12-14 ms for a batch of two (1, 32, 256, 256) float32 volumes (16 MB) on the 2-core machine, about a
-quarter of a worker's time. Stacking them into pages already in place takes ~0.7 ms, and copying
-them out in the main process another ~0.8 ms. So each worker keeps a pool of segments, "slots", and
-reuses them:
+A fresh shared-memory segment per batch makes the worker allocate, zero and later free tmpfs pages
+for every batch, several times what stacking the volumes into pages already in place and copying
+them out in the main process cost. So each worker keeps a pool of segments, "slots", and reuses
+them:
 
     worker: SlotWriter.stack(arrays)                       main process: SlotReader.take(array)
       take a FREE slot (create one if none is free or        map the slot (once per name), check that

@@ -23,10 +23,10 @@ PARAMS_ITEM = "params"
 def save_params(model: Med2E3, directory: str | os.PathLike) -> None:
     """Writes `directory/params` (Orbax) and `directory/model_config.json`.
 
-    One Zarr array per parameter rather than Orbax's default OCDBT store, whose writer holds about
-    0.75x the parameters' bytes on top of them while it saves (measured with orbax-checkpoint 0.12.8);
-    this way a save adds ~0.1x, so that converting a 8.7 GB model fits in 1.3x its size. Restoring
-    detects either format.
+    One Zarr array per parameter rather than Orbax's default OCDBT store, whose writer buffers a
+    large share of the parameters' bytes on top of them while it saves; this way a save adds little,
+    so that converting the released model fits in a small multiple of its size
+    (`benchmarks/bench_convert.py`). Restoring detects either format.
     """
     directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
