@@ -52,5 +52,7 @@ setup(
             "torch==2.13.0", "bert-score>=0.3.13", "monai>=1.4", "pytest>=8", "pydicom>=2.4", "pylibjpeg",
             "pylibjpeg-openjpeg",
         ],
+        # The suite without torch (its parity tests skip): any Python and jax the package supports.
+        "test-core": ["pytest>=8", "pydicom>=2.4", "pylibjpeg", "pylibjpeg-openjpeg"],
     },
 )

@@ -1,6 +1,7 @@
-"""Sharding plans: the released Med-2E3-M3D trained at the authors' batch sizes on three machines.
+"""Sharding plans: the released Med-2E3-M3D trained at the authors' batch sizes on five machines.
 
-    --config configs/plans.py:finetune_8xh100     (also pretrain_8xh100, *_8xh200, *_v5p32, finetune_8xh100_tp)
+    --config configs/plans.py:finetune_8xh100     (every name of `PLANS`: *_8xh100, *_8xh200, *_v5p32,
+                                                   *_v5p256, *_64xh100, finetune_8xh100_tp)
 
 A plan is a name for a set of config overrides (`PLANS`): the stage of `configs/med2e3_m3d.py`
 (pretrain: global batch 64; finetune: 128), the machine (`HARDWARE`, which also picks the attention
@@ -9,13 +10,20 @@ implementation), and dotted config paths with their values, the paths the comman
 for a layout other than the default, sharding rules. A new plan is a new entry; the command line
 overrides any of its values in turn. The config records the machine in a `hardware` section.
 `scripts/memory_plan.py` compiles the real training step of a plan on a fake mesh of that many
-devices and prints its memory per device; the figures are in the README.
+devices and prints its memory per device, FLOPs, collective traffic and roofline (docs/sharding.md).
 
 The machines (vendor figures, decimal GB):
   - 8xh100: 8 NVIDIA H100 SXM, 80 GB HBM3 each;
   - 8xh200: 8 NVIDIA H200 SXM, 141 GB HBM3e each;
   - v5p32:  a TPU v5p-32 slice. Google counts v5p slices in TensorCores, two per chip: v5p-32 is 16
-    chips (topology 2x2x4) with 95 GB HBM2e each, and JAX sees 16 devices (one per chip, megacore).
+    chips (topology 2x2x4) with 95 GB HBM2e each, and JAX sees 16 devices (one per chip, megacore);
+  - v5p256: a TPU v5p-256 slice, 128 chips, 128 devices;
+  - 64xh100: 8 hosts of 8 H100 SXM, NVLink within a host and InfiniBand between hosts.
+
+The pod-scale plans: pretrain, which keeps no optimizer state beyond the connectors', replicates the
+model and splits the batch only (`mesh.data` = device count); finetune on v5p-256 is FSDP over all 128
+chips, on 64 x H100 FSDP within a host and data parallelism across the 8 hosts, so that the weight
+gathers stay on NVLink.
 
 The `*_8xh100`, `*_8xh200` and `*_v5p32` plans use FSDP over every device (`mesh.fsdp` = device
 count) with the default rules: parameters, gradients and AdamW state are split 8 or 16 ways, so that
@@ -24,8 +32,7 @@ the float32 master weights and moments of the 4.15B finetuned parameters (about 
 weights. In finetune the LLM and SigLIP layers keep only their inputs for the backward pass
 (`remat_policy='full'`), because SigLIP trains on every one of the 32 slices of a volume (8192 tokens
 per sample). Pretrain trains the connectors only: SigLIP runs forward, and the backward pass goes
-through the LLM alone, whose activations fit without remat (which in pretrain also trips `nnx.remat`
-on the frozen SigLIP layers: a TraceContextError, see the README). GPU plans ask for cuDNN attention
+through the LLM alone, whose activations fit without remat. GPU plans ask for cuDNN attention
 (`cudnn`), which falls back to XLA's where cuDNN declines a shape.
 
 `finetune_8xh100_tp` is a different layout written as config only (`LLM_TENSOR_PARALLEL`): the LLM

@@ -3,6 +3,7 @@ devices.
 
     python scripts/memory_plan.py --config configs/plans.py:finetune_8xh100
     python scripts/memory_plan.py --all                       # every plan of configs/plans.py, one table
+    python scripts/memory_plan.py --tables_from plans.json    # the tables of an `--all --json_out` file again
     python scripts/memory_plan.py --config configs/tiny.py:finetune --devices 2 --config.mesh.data=1 \\
         --config.mesh.fsdp=2
 
@@ -76,6 +77,7 @@ flags.DEFINE_bool("all", False, "every plan of configs/plans.py, each in its own
 flags.DEFINE_list("plans", [], "with --all: only these plans of configs/plans.py")
 flags.DEFINE_integer("devices", 0, "fake devices (default: config.hardware.devices, else the mesh's product)")
 flags.DEFINE_string("json_out", "", "also write the figures to this JSON file")
+flags.DEFINE_string("tables_from", "", "print the tables of an earlier `--all --json_out` file, compiling nothing")
 FLAGS = flags.FLAGS
 
 HEADROOM = 0.10  # a plan fits when the step leaves at least this fraction of the device memory free
@@ -245,12 +247,13 @@ def markdown_table(results: list[dict]) -> str:
     for r in results:
         x, a = r["xla"], r["analytic"]
         mesh = ", ".join(str(v) for v in r["mesh"].values())
+        device_gb = f"{r['device_memory'] / GB:.0f}" if r["device_memory"] else "n/a"
         rows.append(
             f"| `{r['config']}` | {r['devices']} x {r['device_kind']} | ({mesh}) | {r['micro_batches']} x "
             f"{r['rows_per_device']:g} | {r['remat_policy']} | {x['arguments'] / GB:.1f} / {x['temporaries'] / GB:.1f}"
             f" / **{x['total'] / GB:.1f}** | {a['parameters'] / GB:.1f} / {a['gradients'] / GB:.1f} / "
             f"{a['optimizer'] / GB:.1f} / {a['activations'] / GB:.1f} = **{a['total'] / GB:.1f}** | "
-            f"{r['device_memory'] / GB:.0f} | {_pct(_headroom(x['total'], r['device_memory']))} | "
+            f"{device_gb} | {_pct(_headroom(x['total'], r['device_memory']))} | "
             f"{_pct(_headroom(a['total'], r['device_memory']))} |")
     return "\n".join(rows)
 
@@ -268,17 +271,25 @@ def step_table(results: list[dict]) -> str:
         mfu = f"{b['mfu']:.0%}" if b else "n/a"
         times = (f"{b['compute_s'] * 1e3:.0f} / {b['memory_s'] * 1e3:.0f} / {b['network_s'] * 1e3:.0f} "
                  f"({b['network_between_hosts_s'] * 1e3:.0f})") if b else "n/a"
+        step_ms = f"**{b['step_s'] * 1e3:.0f}**" if b else "n/a"
         rows.append(
             f"| `{r['config']}` | {r['devices']} x {r['device_kind']} | ({mesh}) | {r['global_batch']} | "
             f"{s['model_flops'] / 1e12:.1f} / {s['hlo_matmul_flops'] / 1e12:.1f} | {s['hbm_bytes'] / GB:.0f} | {sent} | "
-            f"{times} | {b['bound'] if b else 'n/a'} | **{b['step_s'] * 1e3:.0f}** | " if b else
-            f"{times} | n/a | n/a | "
-            f"{mfu} |")
+            f"{times} | {b['bound'] if b else 'n/a'} | {step_ms} | {mfu} |")
     return "\n".join(rows)
 
 
 def _fits(r: dict) -> bool:
     return bool(r["device_memory"]) and r["xla"]["total"] <= (1 - HEADROOM) * r["device_memory"]
+
+
+def print_tables(results: list[dict]) -> None:
+    print()
+    print(_CPU_NOTE + ".")
+    print(markdown_table(results))
+    print()
+    print(_ROOFLINE_NOTE + ".")
+    print(step_table(results))
 
 
 def run_all() -> None:
@@ -297,12 +308,7 @@ def run_all() -> None:
             subprocess.run([sys.executable, script, f"--config={plans_file}:{name}", f"--json_out={out}"], check=True)
             with open(out, encoding="utf-8") as f:
                 results.append(json.load(f))
-    print()
-    print(_CPU_NOTE + ".")
-    print(markdown_table(results))
-    print()
-    print(_ROOFLINE_NOTE + ".")
-    print(step_table(results))
+    print_tables(results)
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
@@ -312,6 +318,13 @@ def run_all() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.tables_from:
+        with open(FLAGS.tables_from, encoding="utf-8") as f:
+            results = json.load(f)
+        if not isinstance(results, list):
+            raise app.UsageError(f"--tables_from {FLAGS.tables_from}: not the list of plans `--all --json_out` writes")
+        print_tables(results)
+        return
     if FLAGS.all:
         run_all()
         return

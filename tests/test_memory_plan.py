@@ -130,3 +130,19 @@ def test_memory_plan_script_compiles_the_step_on_a_fake_mesh(tmp_path):
     # Each device holds about half of the float32 parameters and Adam state (FSDP over 2 devices).
     state_bytes = 4 * (result["total_parameters"] + 2 * result["trainable_parameters"])
     assert 0.4 * state_bytes < result["xla"]["arguments"] < 0.75 * state_bytes
+
+    # The tables of `--all` again from its JSON, with and without a roofline: every row has the header's
+    # columns, and the roofline's step time and MFU are printed.
+    planned = dict(result, config="planned", device_kind="H100", device_memory=80e9)
+    planned["step"] = dict(step, roofline=dict(compute_s=0.1, memory_s=0.3, network_s=0.2, network_between_hosts_s=0.0,
+                                               step_s=0.3, bound="memory", mfu=0.25))
+    tables = tmp_path / "plans.json"
+    tables.write_text(json.dumps([result, planned]))
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "memory_plan.py"), f"--tables_from={tables}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 * 4  # two tables: header, rule, two plans
+    for table in (rows[:4], rows[4:]):
+        assert {row.count("|") for row in table} == {table[0].count("|")}, table
+    assert rows[-1].endswith("| **300** | 25% |"), rows[-1]

@@ -76,7 +76,10 @@ def test_gradient_accumulation_equals_one_batch_k_times_larger():
     np.testing.assert_allclose(accumulated["grad_norm"], one["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(accumulated["slice_score_entropy"], one["slice_score_entropy"], rtol=1e-6)
     worst = max(abs(accumulated_params[p] - one_params[p]).max() for p in one_params)
-    assert worst < 5e-6, worst  # Adam's first update is +-lr (1e-3) per weight
+    # Adam's first update is g / (|g| + eps) x lr per weight: +-lr (1e-3) where |g| >> eps, and where a
+    # gradient is near eps a fraction of lr that the summation order's rounding can shift: within 1% of
+    # one update everywhere (the loss and gradient norm above are what a wrong weighting would move).
+    assert worst < 1e-5, worst
 
     # The test has teeth: the mean of the two micro-batch means is far from the token-weighted loss.
     _, model, _ = _setup(model_updates=no_dropout)
