@@ -61,7 +61,7 @@ def get_config(options="finetune"):
     config.data.num_epochs = 1000  # the steps end the run
     config.train.update(global_batch_size=16, micro_batches=1, learning_rate=3e-3, log_every=50,
                         checkpoint_every=500)
-    # scripts/quickstart.sh: both stages in about 8 minutes on 2 CPU cores.
+    # scripts/quickstart.sh: both stages in minutes on 2 CPU cores (docs/quickstart.md).
     config.train.steps = 100 if stage == "pretrain" else 1200
     if stage == "finetune":
         # VQA answers take about 8 tokens a row: 16 LM-head slots a row instead of a quarter of the 128
