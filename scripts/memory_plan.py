@@ -174,7 +174,8 @@ def plan_memory(config, devices: int) -> dict:
 
 def _model_flops(config) -> float:
     """Model FLOPs of one step (`med2e3_jax/flops.py`) on a global batch whose rows have as many
-    supervised positions as the LM head's default slots per row (`models.lm_loss.default_slots_per_row`)."""
+    supervised positions as the LM head has slots per row (`train.head_slots_per_row`; -1:
+    `models.lm_loss.default_slots_per_row`, 0: every position)."""
     import numpy as np
 
     from med2e3_jax import flops
@@ -183,7 +184,9 @@ def _model_flops(config) -> float:
 
     rows, length = config.train.global_batch_size, config.model.llm_max_length
     labels = np.full((rows, length), IGNORE_INDEX, np.int32)
-    labels[:, length - default_slots_per_row(length):] = 0
+    slots = config.train.head_slots_per_row
+    slots = default_slots_per_row(length) if slots == -1 else min(slots or length - 1, length - 1)
+    labels[:, length - slots:] = 0
     batch = dict(input_ids=np.zeros((rows, length), np.int32), labels=labels,
                  question_ids=np.zeros((rows, config.data.question_max_length), np.int32))
     return flops.model_flops(config.model, batch, config.train.trainable)
