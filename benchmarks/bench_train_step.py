@@ -83,13 +83,12 @@ def head_share(config, batch) -> tuple[float, float]:
     head on the slots the step's layout computes: at least `head_slots_per_row` a row)."""
     from med2e3_jax.config import IGNORE_INDEX
     from med2e3_jax.flops import model_flops_by_part
-    from med2e3_jax.models.lm_loss import default_slots_per_row
+    from med2e3_jax.models.lm_loss import resolve_slots_per_row
 
     parts = model_flops_by_part(config.model, batch, set(config.train.trainable))
     rows, length = batch["labels"].shape
     targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    per_row = config.train.head_slots_per_row
-    per_row = default_slots_per_row(length) if per_row == -1 else per_row or length - 1
+    per_row = resolve_slots_per_row(config.train.head_slots_per_row, length)
     computed = parts["lm_head"] * max(rows * per_row, targets) / max(targets, 1)
     total = sum(parts.values())
     return parts["lm_head"] / total, computed / (total - parts["lm_head"] + computed)

@@ -39,9 +39,9 @@ stacks them straight into one of its slots and the chunk carries a small descrip
 the main process copies them out as the chunk arrives and frees the slot, and unlinks the run's
 slots when the iterator is closed, restored or exhausted. A fresh segment per batch would cost the
 worker its page faults and zeroing every time, several times the stack and the copy together. The
-token arrays are pickled. Without workers nothing goes through shared memory. For the same reason each worker process tells glibc's
-malloc to keep freed large arrays' memory (`_keep_freed_memory`), so that preprocessing a volume
-does not fault in fresh pages either.
+token arrays are pickled. Without workers nothing goes through shared memory. For the same reason
+each worker process tells glibc's malloc to keep freed large arrays' memory (`_keep_freed_memory`),
+so that preprocessing a volume does not fault in fresh pages either.
 
 Nothing here touches JAX: the process index and count are plain ints that the caller reads once
 (`jax.process_index()`, `jax.process_count()`).

@@ -41,7 +41,7 @@ from flax import nnx
 
 from med2e3_jax import config as config_lib
 from med2e3_jax import sharding
-from med2e3_jax.models.lm_loss import default_slots_per_row
+from med2e3_jax.models.lm_loss import resolve_slots_per_row
 from med2e3_jax.models.med2e3 import Med2E3
 from med2e3_jax.models.rope import head_dim as llm_head_dim
 from med2e3_jax.train import state as state_lib
@@ -218,8 +218,7 @@ def estimate(config, *, mesh_shape: dict[str, int] | None = None) -> MemoryEstim
     parts["vision_tokens"] = int(rows * vision * act)
     # float32 logits and their gradient where the LM head runs (models/lm_loss.py): the configured slots
     # per row, at most one chunk of them at a time when the head is chunked.
-    slots_per_row = train.head_slots_per_row
-    head_positions = rows * (default_slots_per_row(length) if slots_per_row == -1 else slots_per_row or length - 1)
+    head_positions = rows * resolve_slots_per_row(train.head_slots_per_row, length)
     if train.head_chunk:
         head_positions = min(head_positions, train.head_chunk)
     parts["lm_head"] = int(head_positions * llm.vocab_size * 4 * 2 / tensor)

@@ -2,7 +2,8 @@
 
     python scripts/fetch_assets.py [--cache DIR]
 
-Default cache: $MED2E3_CACHE, else $XDG_CACHE_HOME/med2e3_jax/assets (~/.cache/med2e3_jax/assets). A no-op when everything is present.
+Default cache: $MED2E3_CACHE, else $XDG_CACHE_HOME/med2e3_jax/assets (~/.cache/med2e3_jax/assets).
+A no-op when everything is present.
 """
 
 import argparse

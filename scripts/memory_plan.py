@@ -174,19 +174,16 @@ def plan_memory(config, devices: int) -> dict:
 
 def _model_flops(config) -> float:
     """Model FLOPs of one step (`med2e3_jax/flops.py`) on a global batch whose rows have as many
-    supervised positions as the LM head has slots per row (`train.head_slots_per_row`; -1:
-    `models.lm_loss.default_slots_per_row`, 0: every position)."""
+    supervised positions as the LM head has slots per row (`models.lm_loss.resolve_slots_per_row`)."""
     import numpy as np
 
     from med2e3_jax import flops
     from med2e3_jax.config import IGNORE_INDEX
-    from med2e3_jax.models.lm_loss import default_slots_per_row
+    from med2e3_jax.models.lm_loss import resolve_slots_per_row
 
     rows, length = config.train.global_batch_size, config.model.llm_max_length
     labels = np.full((rows, length), IGNORE_INDEX, np.int32)
-    slots = config.train.head_slots_per_row
-    slots = default_slots_per_row(length) if slots == -1 else min(slots or length - 1, length - 1)
-    labels[:, length - slots:] = 0
+    labels[:, length - resolve_slots_per_row(config.train.head_slots_per_row, length):] = 0
     batch = dict(input_ids=np.zeros((rows, length), np.int32), labels=labels,
                  question_ids=np.zeros((rows, config.data.question_max_length), np.int32))
     return flops.model_flops(config.model, batch, config.train.trainable)

@@ -60,13 +60,17 @@ def head_layout(labels_shape, *, slots_per_row: int = 0, chunk: int = 0, groups:
         raise ValueError(f"head slots_per_row={slots_per_row} must be >= -1 and chunk={chunk} >= 0")
     if groups < 1 or rows % groups:
         raise ValueError(f"{rows} rows do not split into {groups} LM-head groups")
-    if slots_per_row == -1:
-        slots_per_row = default_slots_per_row(length)
-    positions = rows // groups * (length - 1)
-    slots = rows // groups * slots_per_row if slots_per_row else None
-    if slots is not None and slots >= positions:
-        slots = None
+    per_row = resolve_slots_per_row(slots_per_row, length)
+    slots = rows // groups * per_row if per_row < length - 1 else None  # None: every position
     return HeadLayout(groups=groups, slots=slots, chunk=chunk or None)
+
+
+def resolve_slots_per_row(slots_per_row: int, length: int) -> int:
+    """The positions per row the head computes at least, for the config value `train.head_slots_per_row`
+    (-1: `default_slots_per_row(length)`; 0: every position) and prompts `length` long."""
+    if slots_per_row == -1:
+        return default_slots_per_row(length)
+    return min(slots_per_row or length - 1, length - 1)
 
 
 def default_slots_per_row(length: int) -> int:
