@@ -9,7 +9,17 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["med2e3_jax", "med2e3_jax.*", "data_pipelines", "data_pipelines.*"]),
+    # configs/ is installed as med2e3_jax.configs: the commands find a bundled config by name
+    # (`med2e3-train --config tiny:finetune`) without a checkout, and no top-level `configs` package is installed.
+    packages=find_packages(include=["med2e3_jax", "med2e3_jax.*", "data_pipelines", "data_pipelines.*"])
+    + ["med2e3_jax.configs"],
+    package_dir={"med2e3_jax.configs": "configs"},
+    entry_points={"console_scripts": [f"med2e3-{name} = med2e3_jax.cli.{module}:run" for name, module in (
+        ("train", "train"), ("generate", "generate"), ("evaluate", "evaluate"), ("convert", "convert"),
+        ("preprocess", "preprocess"), ("phantoms", "phantoms"), ("real-ct", "real_ct"),
+        ("annotations", "annotations"), ("build-tfds", "build_tfds"), ("fetch-assets", "fetch_assets"),
+        ("memory-plan", "memory_plan"), ("device-check", "device_check"),
+    )]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12.8",

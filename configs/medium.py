@@ -11,7 +11,7 @@ fits one 80 GB device by both of `scripts/memory_plan.py --config configs/medium
 figures, where batch 8 would come too close to an H200's 141 GB.
 """
 
-from configs import med2e3_m3d
+from med2e3_jax.configs import med2e3_m3d
 
 
 def get_config(stage="finetune"):

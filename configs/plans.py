@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import med2e3_m3d
+from med2e3_jax.configs import med2e3_m3d
 from med2e3_jax.train_config import apply_overrides
 
 # Peak rates per device, vendor figures in decimal units. Link bandwidths are per direction, the bytes

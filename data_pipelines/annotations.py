@@ -10,13 +10,11 @@ A record is what Med-2E3's `MultiModalDataset` reads:
 VQA records also carry `answer` and, when closed, `answer_choice`, which is what the authors'
 evaluation scripts score against.
 
-CLI:  python -m data_pipelines.annotations {m3d-cap,m3d-vqa,ct-rate} --csv X --out Y.json
-      python -m data_pipelines.annotations validate Y.json
+Command line: `med2e3-annotations` (med2e3_jax/cli/annotations.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -27,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.errors import MissingFileError, RecordError
+from data_pipelines.image_placeholder import IMAGE3D_TOKEN
 
-IMAGE3D_TOKEN = "<image3d>"
 IMAGE2D_TOKEN = "<image>"
 ROLES = ("human", "gpt")
 
@@ -354,44 +352,3 @@ def write_records(records: Iterable[Mapping], path: str | os.PathLike) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(list(records), ensure_ascii=False, indent=1), encoding="utf-8")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipelines.annotations", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    cap = commands.add_parser("m3d-cap", help="M3D-Cap (M3D_Cap.json or a CSV) to records")
-    cap.add_argument("--split", default="train")
-    cap.add_argument("--text-root", default=None, help="folder the caption .txt paths are relative to")
-    vqa = commands.add_parser("m3d-vqa", help="M3D-VQA CSV to records")
-    vqa.add_argument("--open", action="store_true", help="open-ended (default: closed, four choices)")
-    rate = commands.add_parser("ct-rate", help="CT-RATE reports CSV to report-generation records")
-    rate.add_argument("--no-split-dir", action="store_true", help="volumes are not under a train/ or valid/ folder")
-    rate.add_argument("--suffix", default=None, help="volume file suffix instead of .nii.gz (e.g. .npy)")
-    for command in (cap, vqa, rate):
-        command.add_argument("--csv", required=True, help="the dataset's CSV (or M3D_Cap.json)")
-        command.add_argument("--out", required=True, help="annotation JSON to write")
-    for command in (cap, rate):
-        command.add_argument("--seed", type=int, default=0, help="seeds the choice of question per record")
-    check = commands.add_parser("validate", help="check an annotation JSON, naming the first bad record")
-    check.add_argument("annotation_file")
-    args = parser.parse_args(argv)
-
-    if args.command == "validate":
-        records = load_records(args.annotation_file)
-        print(f"{args.annotation_file}: {len(records)} records, all valid")
-        return 0
-    if args.command == "m3d-cap":
-        records = m3d_cap_to_records(args.csv, split=args.split, text_root=args.text_root, seed=args.seed)
-    elif args.command == "m3d-vqa":
-        records = m3d_vqa_to_records(args.csv, closed=not args.open)
-    else:
-        records = ctrate_reports_to_records(
-            args.csv, split_dir=not args.no_split_dir, suffix=args.suffix, seed=args.seed
-        )
-    write_records(records, args.out)
-    print(f"wrote {len(records)} records to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -36,14 +36,12 @@ Output (image_root = `out`), in the layout of `synthetic.py`:
     nifti/totalseg_abdomen.nii.gz  dicom/totalseg_dicom/  (copies of the fetched files)  ground_truth.json
     annotations/source/test.json  annotations/source/{vqa_closed,vqa_open}_test.json
 
-CLI:  python -m data_pipelines.real_ct --out DIR [--seed 0] [--slices 32] [--cache DIR]
+Command line: `med2e3-real-ct` (med2e3_jax/cli/real_ct.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -355,23 +353,3 @@ def _copy(source: str, target: pathlib.Path) -> None:
         shutil.copytree(source, target)
     else:
         shutil.copyfile(source, target)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipelines.real_ct", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder to write (the image_root of the annotations)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the distractors, absent organs and letters")
-    parser.add_argument("--slices", type=int, default=32, help="depth of the model's volume: slice ranges are on it")
-    parser.add_argument("--cache", default=None,
-                        help="the asset cache (default $MED2E3_CACHE, else $XDG_CACHE_HOME/med2e3_jax/assets)")
-    args = parser.parse_args(argv)
-    paths = build_grounded_set(args.out, seed=args.seed, slices=args.slices, cache=args.cache)
-    counts = {name: len(json.loads(pathlib.Path(path).read_text()))
-              for name, path in paths.items() if name != "ground_truth"}
-    print(f"wrote {counts[SPLIT]} records ({counts[f'vqa_closed_{SPLIT}']} closed, {counts[f'vqa_open_{SPLIT}']} open) "
-          f"about {len(CASES)} real CTs to {args.out}; annotations in {pathlib.Path(paths[SPLIT]).parent}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -49,12 +49,11 @@ Output (image_root = `out`):
     annotations/<format>/{report,vqa_closed,vqa_open}_{split}.json   one task (for evaluation)
     annotations/<format>/vqa_{split}.json                            closed and open VQA
 
-CLI:  python -m data_pipelines.synthetic --out DIR --num N --seed S [--shape 32 64 64] [--format both]
+Command line: `med2e3-phantoms` (med2e3_jax/cli/phantoms.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -63,7 +62,8 @@ from typing import Sequence
 
 import numpy as np
 
-IMAGE3D_TOKEN = "<image3d>"
+from data_pipelines.image_placeholder import IMAGE3D_TOKEN
+
 HU_WINDOW = (-1000.0, 1000.0)
 AIR_HU = -1024.0  # outside the body: the scanner's padding value, which also is nifti's scl_inter
 NIFTI_SLOPE, NIFTI_INTERCEPT = 1.0, -1024.0
@@ -739,30 +739,3 @@ def _ground_truth(volume_id, split, phantom: Phantom, model: Rendering, source: 
 
 def _write_json(path, data) -> None:
     pathlib.Path(path).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipelines.synthetic", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder to write (the image_root of the annotations)")
-    parser.add_argument("--num", type=int, required=True, help="number of phantom volumes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shape", type=int, nargs=3, default=(32, 64, 64), metavar=("D", "H", "W"),
-                        help="model resolution: the .npy volumes and every slice index")
-    parser.add_argument("--source-shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                        help="the NIfTI volumes' resolution (default: 2*D, H, W)")
-    parser.add_argument("--format", choices=("npy", "nifti", "both"), default="both")
-    parser.add_argument("--choice-order", choices=CHOICE_ORDERS, default="shuffled",
-                        help="closed VQA: letters dealt evenly over A-D, or choices in their natural order")
-    parser.add_argument("--contrast", choices=CONTRASTS, default="plain",
-                        help="plain organs and subtle lesions, or enhanced organs and conspicuous lesions")
-    args = parser.parse_args(argv)
-    formats = ("npy", "nifti") if args.format == "both" else (args.format,)
-    truth = generate(args.out, num=args.num, seed=args.seed, shape=args.shape, source_shape=args.source_shape,
-                     formats=formats, choice_order=args.choice_order, contrast=args.contrast)
-    findings = sum(len(v["findings"]) for v in truth["volumes"])
-    print(f"wrote {len(truth['volumes'])} phantoms ({findings} lesions, formats {', '.join(formats)}) to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,13 +21,11 @@ and reads them with numpy alone — `GeneratorBasedBuilder.download_and_prepare`
 Quantisation (`dtype`): "uint8" stores round(255 x) of the [0, 1] volume, so values come back within
 1/510 of the preprocessed ones; "float16" within 2**-12 (half a float16 ulp below 1); "float32" exactly.
 
-CLI:  python -m data_pipelines.tfds_builder --out DIR --image-root ROOT --split train=train.json \\
-          --split test=test.json [--shape 32 256 256] [--modality auto] [--dtype uint8] [--threads 4]
+Command line: `med2e3-build-tfds` (med2e3_jax/cli/build_tfds.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import dataclasses
@@ -376,38 +374,3 @@ def _text(value) -> str:
 def open_preprocessed(out: str | os.PathLike, split: str) -> PreprocessedSource:
     """The records of `split` written by `build_preprocessed(..., out)`, each with its volume."""
     return PreprocessedSource(out, split)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from data_pipelines.annotations import load_records
-
-    parser = argparse.ArgumentParser(prog="python -m data_pipelines.tfds_builder", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder for the two TFDS datasets")
-    parser.add_argument("--split", action="append", required=True, metavar="NAME=ANNOTATIONS.json",
-                        help="a split and its annotation file (repeat for each split)")
-    parser.add_argument("--image-root", default=None, help="prefix for relative vision3d paths")
-    parser.add_argument("--shape", type=int, nargs=3, default=(32, 256, 256), metavar=("D", "H", "W"))
-    parser.add_argument("--modality", default="auto", choices=("ct", "mr", "unit", "auto"),
-                        help="as the data config's modality; auto: CT for NIfTI/DICOM, unit for .npy")
-    parser.add_argument("--hu-window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LOW", "HIGH"))
-    parser.add_argument("--dtype", default="uint8", choices=sorted(DTYPES))
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="volumes preprocessed at once")
-    parser.add_argument("--skip-bad", action="store_true", help="log and leave out unreadable volumes")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    splits = {}
-    for item in args.split:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            parser.error(f"--split takes NAME=ANNOTATIONS.json, got {item!r}")
-        splits[name] = load_records(path, args.image_root)
-    logging.basicConfig(level=logging.INFO)
-    build_preprocessed(splits, args.out, shape=args.shape, modality=args.modality, window=args.hu_window, dtype=args.dtype,
-                       threads=args.threads, strict=not args.skip_bad, overwrite=args.overwrite)
-    for name in splits:
-        print(f"{name}: {len(open_preprocessed(args.out, name))} records in {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

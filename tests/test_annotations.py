@@ -3,9 +3,6 @@
 import copy
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -15,9 +12,9 @@ from data_pipelines.annotations import (
     load_records,
     m3d_cap_to_records,
     m3d_vqa_to_records,
-    main,
     validate_record,
 )
+from commands_for_tests import run_command
 from data_pipelines.errors import MissingFileError, RecordError
 
 
@@ -289,20 +286,21 @@ def test_ctrate_report_without_text_is_named(tmp_path):
         ctrate_reports_to_records(path)
 
 
-def test_cli_converts_and_the_output_loads_back(tmp_path):
+def test_command_converts_and_the_output_loads_back(tmp_path):
     csv_path = write_csv(tmp_path / "vqa.csv", VQA_HEADER, VQA_ROWS)
     out = tmp_path / "out" / "vqa_open.json"
-    assert main(["m3d-vqa", "--open", "--csv", str(csv_path), "--out", str(out)]) == 0
+    result = run_command("annotations", "m3d-vqa", "--open", "--csv", csv_path, "--out", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
     assert load_records(out) == m3d_vqa_to_records(csv_path, closed=False)
-    assert main(["validate", str(out)]) == 0
+    result = run_command("annotations", "validate", out, cwd=tmp_path)
+    assert result.returncode == 0 and f"{out}: 2 records, all valid" in result.stdout, result.stderr
 
 
-def test_cli_runs_as_a_module(tmp_path):
+def test_command_converts_ctrate_and_names_a_missing_flag(tmp_path):
     csv_path = write_csv(tmp_path / "r.csv", CTRATE_HEADER, [["train_1_a_1.nii.gz", "", "", "Clear lungs.", ""]])
     out = tmp_path / "rg.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "data_pipelines.annotations", "ct-rate", "--csv", str(csv_path), "--out", str(out)],
-        capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(__file__)),
-    )
+    result = run_command("annotations", "ct-rate", "--csv", csv_path, cwd=tmp_path)
+    assert result.returncode != 0 and "ct-rate needs --out" in result.stderr
+    result = run_command("annotations", "ct-rate", "--csv", csv_path, "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert load_records(out)[0]["vision3d"] == ["train/train_1/train_1_a/train_1_a_1.nii.gz"]

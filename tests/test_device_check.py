@@ -1,21 +1,14 @@
 """scripts/device_check.sh: the accelerator check, run here on CPU with the tiny config."""
 
-import importlib.util
 import os
 import re
 import subprocess
 
 import pytest
 
+from med2e3_jax.cli.device_check import peak_flops
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-
-
-def _device_check_module():
-    """scripts/device_check.py as a module (its flags are defined only when it runs as a script)."""
-    spec = importlib.util.spec_from_file_location("device_check", os.path.join(ROOT, "scripts", "device_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("kind, expected", [
@@ -23,7 +16,7 @@ def _device_check_module():
     ("TPU v5", 459e12), ("TPU v5 lite", None), ("cpu", None),
 ])
 def test_peak_flops_come_from_the_device_kind(kind, expected):
-    assert _device_check_module().peak_flops(kind) == expected
+    assert peak_flops(kind) == expected
 
 
 def test_device_check_prints_positive_figures_and_a_result_line():

@@ -1,12 +1,11 @@
-"""`python -m data_pipelines.preprocess` writes what the evaluation pipeline feeds the model."""
+"""`med2e3-preprocess` writes what the evaluation pipeline feeds the model."""
 
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from commands_for_tests import run_command
 from data_pipelines import synthetic
 from data_pipelines.assets import AssetError, asset_path
 from data_pipelines.preprocess import preprocess_volume
@@ -17,10 +16,7 @@ SHAPE = (8, 16, 16)
 
 
 def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "data_pipelines.preprocess", *map(str, args)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )
+    return run_command("preprocess", *args, cwd=ROOT.parent, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +29,7 @@ def phantom(tmp_path_factory):
 @pytest.mark.parametrize("name, modality", [("nifti/phantom_00000.nii.gz", "ct"), ("npy/phantom_00000.npy", "unit")])
 def test_cli_writes_the_pipelines_evaluation_volume_of_a_phantom(phantom, tmp_path, name, modality):
     out = tmp_path / "volume.npy"
-    result = run_cli("--input", phantom / name, "--output", out, "--shape", *SHAPE)
+    result = run_cli("--input", phantom / name, "--output", out, "--shape", ",".join(map(str, SHAPE)))
     assert result.returncode == 0, result.stderr
     written = np.load(out)
     # The pipeline's default modality is "auto": the file's hint decides.
@@ -48,7 +44,7 @@ def test_cli_writes_the_pipelines_evaluation_volume_of_a_phantom(phantom, tmp_pa
 
 def test_cli_modality_mr_skips_the_hu_window(phantom, tmp_path):
     path = phantom / "nifti/phantom_00000.nii.gz"
-    result = run_cli("--input", path, "--output", tmp_path / "mr.npy", "--shape", *SHAPE, "--modality", "mr")
+    result = run_cli("--input", path, "--output", tmp_path / "mr.npy", "--shape", ",".join(map(str, SHAPE)), "--modality", "mr")
     assert result.returncode == 0, result.stderr
     mr = np.load(tmp_path / "mr.npy")
     np.testing.assert_array_equal(mr, preprocess_volume(read_volume(path), shape=SHAPE, modality="mr"))

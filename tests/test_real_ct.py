@@ -9,13 +9,12 @@ import json
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from commands_for_tests import run_command
 from data_pipelines import real_ct
 from data_pipelines.annotations import load_records
 from data_pipelines.assets import AssetError, asset_path
@@ -266,9 +265,8 @@ def test_a_label_map_on_another_volume_is_refused(assets, tmp_path):
         real_ct.read_case(real_ct.CASES[0], cache=str(tmp_path))
 
 
-def test_cli_writes_the_set(assets, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "data_pipelines.real_ct", "--out", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+def test_command_writes_the_set(assets, tmp_path):
+    result = run_command("real_ct", "--out", tmp_path, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "about 2 real CTs" in result.stdout
     for name in ("annotations/source/test.json", "ground_truth.json", "nifti/totalseg_abdomen.nii.gz"):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from commands_for_tests import run_command
 from data_pipelines import synthetic
 from data_pipelines.annotations import load_records
 
@@ -264,9 +265,11 @@ def test_answers_follow_the_ground_truth(tmp_path):
                 assert record["answer"] in {f["size_class"] for f in volume["findings"]}
 
 
-def test_cli_writes_one_format(tmp_path):
-    assert synthetic.main(["--out", str(tmp_path), "--num", "3", "--seed", "1", "--shape", "8", "16", "16",
-                           "--format", "nifti"]) == 0
+def test_command_writes_one_format(tmp_path):
+    result = run_command("phantoms", "--out", tmp_path, "--num", 3, "--seed", 1, "--shape", "8,16,16",
+                         "--format", "nifti", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 3 phantoms" in result.stdout
     assert not (tmp_path / "npy").exists()
     assert len(list((tmp_path / "nifti").glob("*.nii.gz"))) == 3
     assert (tmp_path / "annotations/nifti/train.json").exists()

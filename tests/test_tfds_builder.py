@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("array_record")
 
+from commands_for_tests import run_command  # noqa: E402
 from data_pipelines import synthetic, tfds_builder  # noqa: E402
 from data_pipelines.annotations import load_records  # noqa: E402
 from data_pipelines.errors import DataError  # noqa: E402
@@ -145,12 +146,10 @@ def test_refuses_to_overwrite_unless_asked(phantoms, tmp_path):
     assert tfds_builder.open_preprocessed(tmp_path, "test").metadata["dtype"] == "float32"
 
 
-def test_cli_builds_from_annotation_files(phantoms, tmp_path, capsys):
-    code = tfds_builder.main([
-        "--out", str(tmp_path), "--image-root", str(phantoms), "--shape", *map(str, SHAPE), "--threads", "2",
-        "--split", f"val={phantoms / 'annotations/npy/val.json'}",
-    ])
-    assert code == 0
+def test_command_builds_from_annotation_files(phantoms, tmp_path):
+    result = run_command("build_tfds", "--out", tmp_path, "--image_root", phantoms, "--shape", ",".join(map(str, SHAPE)),
+                         "--threads", 2, "--split", f"val={phantoms / 'annotations/npy/val.json'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
     expected = load_records(phantoms / "annotations/npy/val.json", phantoms)
     source = tfds_builder.open_preprocessed(tmp_path, "val")
     assert [source[i]["record"] for i in range(len(source))] == expected
