@@ -51,11 +51,10 @@ import psutil
 from absl import app, flags
 from flax import nnx
 
+from data_pipelines.image_placeholder import IGNORE_INDEX, IMAGE3D_TOKEN_ID, expand_image_placeholder
 from med2e3_jax import config as config_lib
 from med2e3_jax.checkpoint.orbax_params import load_config, restore_params
-from med2e3_jax.config import IGNORE_INDEX, IMAGE3D_TOKEN_ID
 from med2e3_jax.generate import GenerationConfig, generate_tokens
-from med2e3_jax.models.merge import expand_image_placeholder
 
 flags.DEFINE_string("checkpoint", None, "Orbax checkpoint directory written by save_params")
 flags.DEFINE_integer("new_tokens", 8, "tokens to generate")

@@ -30,10 +30,9 @@ from typing import Literal
 
 import numpy as np
 
-from data_pipelines.annotations import IMAGE3D_TOKEN, validate_conversation
+from data_pipelines.annotations import validate_conversation
 from data_pipelines.errors import RecordError
-from med2e3_jax.config import IGNORE_INDEX, IMAGE3D_TOKEN_ID
-from med2e3_jax.models.merge import expand_image_placeholder
+from data_pipelines.image_placeholder import IGNORE_INDEX, IMAGE3D_TOKEN, IMAGE3D_TOKEN_ID, expand_image_placeholder
 
 logger = logging.getLogger(__name__)
 

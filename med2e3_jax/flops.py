@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from data_pipelines.image_placeholder import IGNORE_INDEX
 from med2e3_jax import config as config_lib
-from med2e3_jax.config import IGNORE_INDEX
 
 
 def model_flops(cfg, batch, trainable) -> float:

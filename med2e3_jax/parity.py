@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipelines.image_placeholder import expand_image_placeholder
 from med2e3_jax import config as config_lib
 from med2e3_jax.checkpoint.importer import load_pytorch
 from med2e3_jax.checkpoint.med2e3_port import FULL_TABLE, config_from_reference
 from med2e3_jax.checkpoint.sources import SafetensorsSource
 from med2e3_jax.models.med2e3 import Med2E3
-from med2e3_jax.models.merge import expand_image_placeholder
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ import pytest
 from assets_for_tests import PUBLIC_FIXTURE
 from flax import nnx
 
+from data_pipelines.image_placeholder import IGNORE_INDEX
 from med2e3_jax.checkpoint.importer import export_pytorch, load_pytorch
 from med2e3_jax.checkpoint.llm_port import LLM_TABLE, llm_config_from_hf
 from med2e3_jax.checkpoint.port import DictSource
-from med2e3_jax.config import IGNORE_INDEX
 from med2e3_jax.models.decoder import Decoder
 from med2e3_jax.models.lm_loss import HeadLayout, summed_token_loss
 from med2e3_jax.models.rope import RotaryEmbedding

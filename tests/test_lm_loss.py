@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from med2e3_jax.config import IGNORE_INDEX
+from data_pipelines.image_placeholder import IGNORE_INDEX
 from med2e3_jax.models.lm_loss import (
     HeadLayout,
     head_layout,

@@ -10,10 +10,9 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import tiny  # noqa: E402
+from data_pipelines.image_placeholder import IMAGE3D_TOKEN_ID, expand_image_placeholder  # noqa: E402
 from med2e3_jax import config as config_lib  # noqa: E402
-from med2e3_jax.config import IMAGE3D_TOKEN_ID  # noqa: E402
 from med2e3_jax.models.med2e3 import Med2E3  # noqa: E402
-from med2e3_jax.models.merge import expand_image_placeholder  # noqa: E402
 
 
 def _run(**tgis):

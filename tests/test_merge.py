@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from med2e3_jax.config import IGNORE_INDEX, IMAGE3D_TOKEN_ID
-from med2e3_jax.models.merge import expand_image_placeholder, merge_vision_tokens
+from data_pipelines.image_placeholder import IGNORE_INDEX, IMAGE3D_TOKEN_ID, expand_image_placeholder
+from med2e3_jax.models.merge import merge_vision_tokens
 
 P = IMAGE3D_TOKEN_ID
 I = IGNORE_INDEX

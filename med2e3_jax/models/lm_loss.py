@@ -28,7 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from med2e3_jax.config import IGNORE_INDEX
+from data_pipelines.image_placeholder import IGNORE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)
