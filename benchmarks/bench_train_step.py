@@ -35,6 +35,11 @@ import time
 
 import numpy as np
 
+from med2e3_jax.random_batches import benchmark_batch
+
+# med2e3_jax/cli/device_check.py imports make_batch from here until it imports benchmark_batch itself.
+make_batch = benchmark_batch
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
@@ -60,28 +65,18 @@ def load_config(spec: str):
     return module.get_config(stage) if stage else module.get_config()
 
 
-def make_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A batch shaped like the data pipeline's, padded to llm_max_length (static shapes, as in training)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from batches_for_tests import random_batch
-
-    rng = np.random.default_rng(seed)
-    answers = rng.integers(8, 24, size=batch_size)  # answers of a few tens of tokens, as in VQA/captions
-    return random_batch(config, batch_size, seed=seed, answer_lengths=answers)
-
-
 def head_share_configs(config, batch):
     """{name: (config, batch)}: the benchmarked config and the released model at the authors' finetune."""
     from configs import med2e3_m3d
 
     released = med2e3_m3d.get_config("finetune")
-    return {"this config": (config, batch), "released model": (released, make_batch(released, 2))}
+    return {"this config": (config, batch), "released model": (released, benchmark_batch(released, 2))}
 
 
 def head_share(config, batch) -> tuple[float, float]:
     """(the LM head's share of `model_flops` with the head on the supervised positions, its share with the
     head on the slots the step's layout computes: at least `head_slots_per_row` a row)."""
-    from med2e3_jax.config import IGNORE_INDEX
+    from data_pipelines.image_placeholder import IGNORE_INDEX
     from med2e3_jax.flops import model_flops_by_part
     from med2e3_jax.models.lm_loss import resolve_slots_per_row
 
@@ -282,7 +277,7 @@ def main():
     config.model.dtype = args.dtype
     config.model.remat_policy = args.remat_policy
     batch_size = args.batch_size or config.train.global_batch_size
-    batch = make_batch(config, batch_size)
+    batch = benchmark_batch(config, batch_size)
     inputs = {k: batch[k] for k in train_step_lib.MODEL_INPUTS}
     tokens = int(batch["attention_mask"].sum())
 

@@ -14,12 +14,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(__file__))
-from batches_for_tests import random_batch, small_config  # noqa: E402
+from batches_for_tests import small_config  # noqa: E402
 
 from med2e3_jax import config as config_lib  # noqa: E402
 from med2e3_jax import sharding  # noqa: E402
 from med2e3_jax.models import attention  # noqa: E402
 from med2e3_jax.models.med2e3 import Med2E3  # noqa: E402
+from med2e3_jax.random_batches import random_batch  # noqa: E402
 
 needs_8_devices = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8"

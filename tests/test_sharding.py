@@ -14,10 +14,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(__file__))
-from batches_for_tests import random_batch, small_config  # noqa: E402
+from batches_for_tests import small_config  # noqa: E402
 
 from med2e3_jax import sharding  # noqa: E402
 from med2e3_jax.models.med2e3 import Med2E3  # noqa: E402
+from med2e3_jax.random_batches import random_batch  # noqa: E402
 from med2e3_jax.train.state import make_optimizer  # noqa: E402
 from med2e3_jax.train.step import train_step  # noqa: E402
 

@@ -16,11 +16,12 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(__file__))
-from batches_for_tests import random_batch, small_config  # noqa: E402
+from batches_for_tests import small_config  # noqa: E402
 
 from configs import med2e3_m3d, medium, plans, tiny  # noqa: E402
 from med2e3_jax import sharding  # noqa: E402
 from med2e3_jax.models.med2e3 import Med2E3  # noqa: E402
+from med2e3_jax.random_batches import random_batch  # noqa: E402
 from med2e3_jax.train import state as state_lib  # noqa: E402
 from med2e3_jax.train.checkpointing import TrainCheckpointer  # noqa: E402
 from med2e3_jax.train.step import train_step  # noqa: E402

@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from batches_for_tests import random_batch, small_config, supervised_tokens  # noqa: E402
+from batches_for_tests import small_config, supervised_tokens  # noqa: E402
 
 from med2e3_jax.models.med2e3 import Med2E3  # noqa: E402
+from med2e3_jax.random_batches import random_batch  # noqa: E402
 from med2e3_jax.train.state import learning_rate, make_optimizer, warmup_steps  # noqa: E402
 from med2e3_jax.models.lm_loss import HeadLayout  # noqa: E402
 from med2e3_jax.train.step import _split_micro_batches, eval_step, train_head_layout, train_step  # noqa: E402

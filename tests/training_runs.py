@@ -25,7 +25,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batches_for_tests import random_batch, small_config
+from batches_for_tests import small_config
+
+from med2e3_jax.random_batches import random_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
