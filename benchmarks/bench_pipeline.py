@@ -13,8 +13,8 @@ The same transforms on both sides (the authors' evaluation chain, `data_pipeline
            MONAI: LoadImage → EnsureChannelFirst(channel_dim=0) → CropForeground → Resize(trilinear)
            (M3D's `.npy` carry their channel axis; without channel_dim=0 MONAI adds a second one.)
 
-Ours also tokenizes each record's conversation and question (tiny test tokenizers, the default
-768 positions); MONAI does no text. Each worker count in `--workers` is run on both sides: Grain
+Ours also tokenizes each record's conversation and question (`data_pipelines.tiny_tokenizers`, the
+default 768 positions); MONAI does no text. Each worker count in `--workers` is run on both sides: Grain
 `mp_prefetch(num_workers)` against torch `DataLoader(num_workers)` (0: in the main process, the data
 config's default). Grain's reader threads per process default to the cores per process
 (`--read-threads`), as torch's intra-op threads do for MONAI's resize. Same batch size. Throughput is
@@ -47,7 +47,6 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 SHAPE = (32, 256, 256)
 SOURCE_SHAPE = (120, 256, 256)
@@ -96,9 +95,8 @@ def timed(batches, sizes, args) -> tuple[float, int, float]:
 
 
 def ours(records, modality: str, workers: int, args) -> tuple[float, int, float]:
-    from tokenizers_for_tests import bert_like, phi_like
-
     from data_pipelines.pipeline import make_dataset
+    from data_pipelines.tiny_tokenizers import bert_like, phi_like
     from med2e3_jax.data_config import data_config
 
     cfg = data_config()

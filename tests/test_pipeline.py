@@ -17,12 +17,10 @@ import pytest
 pytest.importorskip("grain")
 pytest.importorskip("transformers")
 
-sys.path.insert(0, os.path.dirname(__file__))
-from tokenizers_for_tests import bert_like, phi_like  # noqa: E402
-
 from data_pipelines import pipeline, shm_slots, synthetic  # noqa: E402
 from data_pipelines.annotations import load_records  # noqa: E402
 from data_pipelines.errors import CorruptFileError, RecordError  # noqa: E402
+from data_pipelines.tiny_tokenizers import bert_like, phi_like  # noqa: E402
 from med2e3_jax.data_config import data_config  # noqa: E402
 
 SHAPE = (8, 16, 16)
@@ -138,11 +136,10 @@ def _resume_script(tmp_path, records, cfg, state, *, restart_after: int = 0) -> 
     script = tmp_path / "resume.py"
     script.write_text(textwrap.dedent(
         f"""
-        import json, sys
+        import json
         import ml_collections, numpy as np
-        sys.path.insert(0, {str(ROOT / "tests")!r})
-        from tokenizers_for_tests import bert_like, phi_like
         from data_pipelines import pipeline
+        from data_pipelines.tiny_tokenizers import bert_like, phi_like
 
         if __name__ == "__main__":
             folder = {str(tmp_path)!r}

@@ -4,16 +4,17 @@ import logging
 
 import numpy as np
 import pytest
-from tokenizers_for_tests import bert_like, expected, ids_of, llama_like, phi_like, qwen_like
+from tokenizers_for_tests import expected, ids_of
 
 from data_pipelines.errors import RecordError
+from data_pipelines.image_placeholder import IGNORE_INDEX, IMAGE3D_TOKEN_ID
 from data_pipelines.templates import (
     TEMPLATES,
     encode_conversation,
     encode_prompt,
     encode_question,
 )
-from med2e3_jax.config import IGNORE_INDEX, IMAGE3D_TOKEN_ID
+from data_pipelines.tiny_tokenizers import bert_like, llama_like, phi_like, qwen_like
 
 V = 3  # vision positions the placeholder expands to
 

@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import tiny  # noqa: E402
 from assets_for_tests import fetched  # noqa: E402
 from tokenizers_for_tests import expected  # noqa: E402
+from data_pipelines.image_placeholder import IGNORE_INDEX, IMAGE3D_TOKEN_ID  # noqa: E402
 from data_pipelines.templates import encode_conversation, encode_prompt, encode_question, load_tokenizer  # noqa: E402
-from med2e3_jax.config import IGNORE_INDEX, IMAGE3D_TOKEN_ID  # noqa: E402
 
 V = 3  # vision positions the placeholder expands to
 BOS, EOS = 1, 32000  # <s>; <|endoftext|>, which is also the pad token
