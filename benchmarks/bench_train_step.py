@@ -37,9 +37,6 @@ import numpy as np
 
 from med2e3_jax.random_batches import benchmark_batch
 
-# med2e3_jax/cli/device_check.py imports make_batch from here until it imports benchmark_batch itself.
-make_batch = benchmark_batch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
