@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import ml_collections
 
-# Re-exported while med2e3_jax/cli/memory_plan.py still imports IGNORE_INDEX from here.
-from data_pipelines.image_placeholder import IGNORE_INDEX  # noqa: F401
-
 SLICE_WEIGHTINGS = ("tgis", "mean", "max", "uniform")
 VISION_TOKENS = ("3d+2d", "3d", "2d")
 REMAT_POLICIES = ("none", "full", "dots")  # see models/remat.py

@@ -94,10 +94,10 @@ def _check(config):
     import numpy as np
     from flax import nnx
 
-    from benchmarks.bench_train_step import make_batch
     from med2e3_jax import sharding
     from med2e3_jax.flops import model_flops
     from med2e3_jax.generate import GenerationConfig, generate
+    from med2e3_jax.random_batches import benchmark_batch
     from med2e3_jax.train import state as state_lib
     from med2e3_jax.train import step as step_lib
     from med2e3_jax.train.loop import init_model
@@ -115,7 +115,7 @@ def _check(config):
         rows = split * -(-rows // split)
         print(f"global batch {config.train.global_batch_size} raised to {rows}, a multiple of the batch "
               f"split ({split})", flush=True)
-    host_batch = make_batch(config, rows)
+    host_batch = benchmark_batch(config, rows)
     batch = sharding.global_batch({k: host_batch[k] for k in step_lib.MODEL_INPUTS}, mesh)
     key = jax.random.key(config.train.seed)
     parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -187,7 +187,7 @@ def _model_flops(config) -> float:
     import numpy as np
 
     from med2e3_jax import flops
-    from med2e3_jax.config import IGNORE_INDEX
+    from data_pipelines.image_placeholder import IGNORE_INDEX
     from med2e3_jax.models.lm_loss import resolve_slots_per_row
 
     rows, length = config.train.global_batch_size, config.model.llm_max_length
