@@ -61,11 +61,10 @@ import grain
 import numpy as np
 
 from data_pipelines import shm_slots
-from data_pipelines.annotations import question_text, validate_record
+from data_pipelines.annotations import validate_record
 from data_pipelines.errors import DataError, RecordError, VolumeShapeError
-from data_pipelines.preprocess import augment, preprocess_volume
-from data_pipelines.readers import read_volume
-from data_pipelines.templates import encode_conversation, encode_question
+from data_pipelines.model_inputs import InputSpec, load_volume, record_inputs
+from data_pipelines.preprocess import augment
 
 logger = logging.getLogger(__name__)
 
@@ -98,21 +97,22 @@ class LoadExample:
 
     `source` is either a sequence of annotation records (`vision3d` paths read from disk and
     preprocessed here) or a random-access source of preprocessed examples `{"volume", "record"}`
-    (`tfds_builder.open_preprocessed`), whose volumes are already at `cfg.volume_shape`.
+    (`tfds_builder.open_preprocessed`), whose volumes are already at `cfg.volume_shape`. Records were
+    validated once, in `make_dataset`: `invalid` maps the index of each bad one to its error.
     """
 
-    def __init__(self, source, cfg, *, train: bool, tokenizer, question_tokenizer):
+    def __init__(self, source, cfg, *, train: bool, tokenizer, question_tokenizer,
+                 invalid: Mapping[int, DataError] | None = None):
         self.source = source
         self.from_records = _is_record_list(source)
-        self.volume_shape = tuple(int(s) for s in cfg.volume_shape)
-        self.modality = cfg.modality
-        self.hu_window = tuple(float(w) for w in cfg.hu_window)
+        self.invalid = dict(invalid or {})
+        self.spec = InputSpec(
+            volume_shape=tuple(int(s) for s in cfg.volume_shape), num_vision_tokens=int(cfg.num_vision_tokens),
+            max_length=int(cfg.max_length), question_max_length=int(cfg.question_max_length),
+            template=cfg.template, modality=cfg.modality, hu_window=tuple(float(w) for w in cfg.hu_window),
+        )
         self.augment = bool(train and cfg.augment)
         self.seed = int(cfg.seed)
-        self.template = cfg.template
-        self.num_vision_tokens = int(cfg.num_vision_tokens)
-        self.max_length = int(cfg.max_length)
-        self.question_max_length = int(cfg.question_max_length)
         self.tokenizer = tokenizer
         self.question_tokenizer = question_tokenizer
         self._tokenizer_lock = threading.Lock()
@@ -130,6 +130,8 @@ class LoadExample:
 
     def __call__(self, visit: tuple[int, int]) -> dict[str, np.ndarray] | Skipped:
         epoch, index = visit
+        if index in self.invalid:
+            return Skipped(index, self.invalid[index])
         try:
             return self.example(epoch, index)
         except DataError as error:
@@ -138,28 +140,17 @@ class LoadExample:
     def example(self, epoch: int, index: int) -> dict[str, np.ndarray]:
         if self.from_records:
             record = self.source[index]
-            validate_record(record, index=index)
-            volume = preprocess_volume(
-                read_volume(record["vision3d"][0]), shape=self.volume_shape, modality=self.modality,
-                window=self.hu_window,
-            )
+            volume = load_volume(record["vision3d"][0], self.spec)
         else:
             item = self.source[index]
             record = _decode_record(item["record"], index)
-            volume = _check_preprocessed(item["volume"], self.volume_shape, record)
+            volume = _check_preprocessed(item["volume"], self.spec.volume_shape, record)
         if self.augment:
             volume = augment(volume, seed=self.seed, epoch=epoch, index=index)
         with self._tokenizer_lock:
-            text = encode_conversation(
-                record, self.tokenizer, template=self.template, num_vision_tokens=self.num_vision_tokens,
-                max_length=self.max_length,
-            )
-            if self.question_tokenizer is not None:
-                question = record.get("question")
-                if question is None:
-                    question = question_text(record["conversations"][0]["value"])
-                text |= encode_question(question, self.question_tokenizer, max_length=self.question_max_length)
-        return dict(volume=np.ascontiguousarray(volume, np.float32), **text, record_index=np.int64(index))
+            inputs = record_inputs(record, self.spec, self.tokenizer, self.question_tokenizer,
+                                   volume=np.ascontiguousarray(volume, np.float32))
+        return dict(inputs, record_index=np.int64(index))
 
 
 def _is_record_list(source) -> bool:
@@ -513,8 +504,15 @@ def make_dataset(
       (`next_index`, `skipped`, …) and `set_state()` resumes at the batch after it, in a new process too.
       Close the iterator (`.close()`) when done with it to stop worker processes promptly.
     """
+    invalid = {}
+    if _is_record_list(records_or_source):
+        for index, record in enumerate(records_or_source):
+            try:
+                validate_record(record, index=index)
+            except RecordError as error:
+                invalid[index] = error  # skipped at each visit, counted against the skip budget
     load = LoadExample(records_or_source, cfg, train=train, tokenizer=tokenizer,
-                       question_tokenizer=question_tokenizer)
+                       question_tokenizer=question_tokenizer, invalid=invalid)
     visits = visit_order(len(records_or_source), cfg, process_index=process_index, process_count=process_count)
     identity = dict(
         num_records=len(records_or_source), seed=int(cfg.seed), shuffle=bool(cfg.shuffle),

@@ -30,7 +30,6 @@ from typing import Literal
 
 import numpy as np
 
-from data_pipelines.annotations import validate_conversation
 from data_pipelines.errors import RecordError
 from data_pipelines.image_placeholder import IGNORE_INDEX, IMAGE3D_TOKEN, IMAGE3D_TOKEN_ID, expand_image_placeholder
 
@@ -208,7 +207,7 @@ def encode_conversation(
 
     Args:
       record: `{"id", "conversations": [{"from": "human"|"gpt", "value"}, ...], ...}`; the first human
-        turn holds the one `<image3d>`.
+        turn holds the one `<image3d>`. Validated where it entered (`annotations.validate_record`).
       tokenizer: the LLM's HF tokenizer (needs a pad token).
       template: a name in TEMPLATES or a ChatTemplate.
       num_vision_tokens: positions the placeholder expands to.
@@ -227,7 +226,6 @@ def encode_conversation(
     pad_to = max_length if pad_to is None else pad_to
     if pad_to < max_length:
         raise ValueError(f"pad_to={pad_to} is shorter than max_length={max_length}; batches would not be static")
-    validate_conversation(record.get("conversations"), record_id=record_id)
     if tokenizer.pad_token_id is None:
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no pad token; "
@@ -272,26 +270,6 @@ def encode_conversation(
         "labels": expanded.labels[0],
         "attention_mask": expanded.attention_mask[0],
     }
-
-
-def encode_prompt(
-    question_text: str,
-    tokenizer,
-    *,
-    template: str | ChatTemplate,
-    num_vision_tokens: int,
-    max_length: int,
-    pad_to: int | None = None,
-    history: Sequence[Mapping] = (),
-) -> dict[str, np.ndarray]:
-    """Model inputs for generation: `question_text` (after `history`, earlier human/gpt turns) then
-    the generation prompt. The `<image3d>` must be in the first human turn. Same outputs as
-    `encode_conversation`, labels all IGNORE_INDEX."""
-    record = {"id": "prompt", "conversations": [*history, {"from": "human", "value": question_text}]}
-    return encode_conversation(
-        record, tokenizer, template=template, num_vision_tokens=num_vision_tokens, max_length=max_length,
-        pad_to=pad_to, add_generation_prompt=True,
-    )
 
 
 def encode_question(text: str, question_tokenizer, *, max_length: int) -> dict[str, np.ndarray]:

@@ -8,10 +8,10 @@ from tokenizers_for_tests import expected, ids_of
 
 from data_pipelines.errors import RecordError
 from data_pipelines.image_placeholder import IGNORE_INDEX, IMAGE3D_TOKEN_ID
+from data_pipelines.model_inputs import question_record
 from data_pipelines.templates import (
     TEMPLATES,
     encode_conversation,
-    encode_prompt,
     encode_question,
 )
 from data_pipelines.tiny_tokenizers import bert_like, llama_like, phi_like, qwen_like
@@ -148,9 +148,8 @@ def test_pretrain_template_is_the_placeholder_then_the_supervised_caption_withou
 
 def test_generation_prompt_ends_with_assistant_and_supervises_nothing():
     tok = phi_like()
-    out = encode_prompt(
-        "<image3d>\nWhich organ shows a lesion?", tok, template="phi", num_vision_tokens=V, max_length=100
-    )
+    record = question_record("scan.npy", "<image3d>\nWhich organ shows a lesion?")
+    out = encode(record, tok, "phi", max_length=100, add_generation_prompt=True)
     want = expected(
         tok,
         [
@@ -165,10 +164,8 @@ def test_generation_prompt_ends_with_assistant_and_supervises_nothing():
 
 def test_generation_prompt_after_history_keeps_earlier_answers_and_drops_the_reference():
     tok = phi_like()
-    with_history = encode_prompt(
-        "Where is it?", tok, template="phi", num_vision_tokens=V, max_length=100,
-        history=RECORD["conversations"][:2],
-    )
+    with_history = encode(question_record("scan.npy", "Where is it?", history=RECORD["conversations"][:2]), tok, "phi",
+                          max_length=100, add_generation_prompt=True)
     from_record = encode(RECORD, tok, "phi", max_length=100, add_generation_prompt=True)
     want = expected(
         tok,

@@ -13,7 +13,8 @@ from configs import tiny  # noqa: E402
 from assets_for_tests import fetched  # noqa: E402
 from tokenizers_for_tests import expected  # noqa: E402
 from data_pipelines.image_placeholder import IGNORE_INDEX, IMAGE3D_TOKEN_ID  # noqa: E402
-from data_pipelines.templates import encode_conversation, encode_prompt, encode_question, load_tokenizer  # noqa: E402
+from data_pipelines.model_inputs import question_record  # noqa: E402
+from data_pipelines.templates import encode_conversation, encode_question, load_tokenizer  # noqa: E402
 
 V = 3  # vision positions the placeholder expands to
 BOS, EOS = 1, 32000  # <s>; <|endoftext|>, which is also the pad token
@@ -98,8 +99,9 @@ def test_phi_template_supervises_each_answer_and_its_endoftext_only(phi3, rounds
 
 
 def test_phi_generation_prompt_after_history_supervises_nothing(phi3):
-    out = encode_prompt("Is the spleen in this scan?", phi3, template="phi", num_vision_tokens=V, max_length=96,
-                        history=CONVERSATION[:2])
+    record = question_record("scan.npy", "Is the spleen in this scan?", history=CONVERSATION[:2])
+    out = encode_conversation(record, phi3, template="phi", num_vision_tokens=V, max_length=96,
+                              add_generation_prompt=True)
     want = expected(phi3, [
         ([BOS, *SYSTEM, *USER, "▁", *[IMAGE3D_TOKEN_ID] * V, *LOCATION_Q, *ASSISTANT, *LOCATION_A, "<|endoftext|>",
           *USER, *SPLEEN_Q, *ASSISTANT], False),

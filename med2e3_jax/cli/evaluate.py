@@ -65,33 +65,29 @@ class Predictor:
     """`predict_fn` for the runner: records -> greedy answers and TG-IS slice scores, with the JAX model."""
 
     def __init__(self, model, config: ConfigDict, tokenizer, question_tokenizer):
+        from data_pipelines.model_inputs import InputSpec, stop_ids
         from med2e3_jax import config as model_config
         from med2e3_jax.generate import GenerationConfig
 
         self.model, self.config = model, config
         self.tokenizer, self.question_tokenizer = tokenizer, question_tokenizer
         cfg = model.cfg
-        self.volume_shape = tuple(int(s) for s in cfg.vision3d.img_size)
-        self.num_vision_tokens = model_config.num_vision_tokens(cfg)
-        self.max_length = int(cfg.llm_max_length)
-        self.generation = GenerationConfig.for_llm(cfg.llm, max_new_tokens=config.max_new_tokens,
-                                                   num_beams=config.num_beams)
+        self.spec = InputSpec(
+            volume_shape=tuple(int(s) for s in cfg.vision3d.img_size),
+            num_vision_tokens=model_config.num_vision_tokens(cfg), max_length=int(cfg.llm_max_length),
+            question_max_length=int(config.question_max_length), template=config.template,
+            modality=config.modality, hu_window=tuple(config.hu_window))
+        self.generation = GenerationConfig(
+            max_new_tokens=config.max_new_tokens, num_beams=config.num_beams, pad_id=tokenizer.pad_token_id,
+            eos_ids=stop_ids(tokenizer, config.template, cfg.llm.get("eos_token_id")))
 
     def inputs(self, record) -> dict[str, np.ndarray]:
-        from data_pipelines.preprocess import preprocess_volume
-        from data_pipelines.readers import read_volume
-        from data_pipelines.templates import encode_conversation, encode_question
-        from med2e3_jax.evaluation.tasks import prompt_question
+        from data_pipelines.model_inputs import record_inputs
 
-        volume = preprocess_volume(read_volume(record["vision3d"][0]), shape=self.volume_shape,
-                                   modality=self.config.modality, window=tuple(self.config.hu_window))
         # The prompt: the conversation up to its last question, then the generation prompt.
-        text = encode_conversation(record, self.tokenizer, template=self.config.template,
-                                   num_vision_tokens=self.num_vision_tokens, max_length=self.max_length,
-                                   add_generation_prompt=True)
-        question = encode_question(prompt_question(record), self.question_tokenizer,
-                                   max_length=self.config.question_max_length)
-        return dict(volume=volume, input_ids=text["input_ids"], attention_mask=text["attention_mask"], **question)
+        inputs = record_inputs(record, self.spec, self.tokenizer, self.question_tokenizer, generation=True)
+        del inputs["labels"]
+        return inputs
 
     def __call__(self, records: list[dict]) -> list[dict]:
         from med2e3_jax.generate import generate

@@ -27,14 +27,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from data_pipelines.assets import asset_path
-from data_pipelines.preprocess import preprocess_volume
-from data_pipelines.readers import read_volume
-from data_pipelines.templates import (
-    encode_prompt,
-    encode_question,
-    get_template,
-    load_tokenizer,
-)
+from data_pipelines.model_inputs import InputSpec, load_volume, question_record, record_inputs, stop_ids
+from data_pipelines.templates import get_template, load_tokenizer
 from med2e3_jax import config as config_lib
 from med2e3_jax import viz
 from med2e3_jax.cli import run_command
@@ -123,30 +117,25 @@ def main(argv):
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     question_tokenizer = load_tokenizer(FLAGS.question_tokenizer or asset_path("minilm"))
     template = get_template(FLAGS.template or _data_setting(experiment, "template", "phi"))
-    question_length = min(FLAGS.question_max_length or _data_setting(experiment, "question_max_length", 64),
-                          cfg.question_encoder.max_position_embeddings)
-
-    volume = preprocess_volume(read_volume(FLAGS.volume), shape=tuple(cfg.vision3d.img_size), modality=FLAGS.modality)
+    spec = InputSpec(
+        volume_shape=tuple(cfg.vision3d.img_size), num_vision_tokens=config_lib.num_vision_tokens(cfg),
+        max_length=cfg.llm_max_length, template=template, modality=FLAGS.modality,
+        question_max_length=min(FLAGS.question_max_length or _data_setting(experiment, "question_max_length", 64),
+                                cfg.question_encoder.max_position_embeddings))
+    volume = load_volume(FLAGS.volume, spec)
     questions = FLAGS.question
-    prompts = [encode_prompt(f"<image3d>\n{q}", tokenizer, template=template,
-                             num_vision_tokens=config_lib.num_vision_tokens(cfg), max_length=cfg.llm_max_length)
-               for q in questions]
-    tgis = [encode_question(q, question_tokenizer, max_length=question_length) for q in questions]
-    input_ids = np.stack([p["input_ids"] for p in prompts])
-    attention_mask = np.stack([p["attention_mask"] for p in prompts])
-    width = int(attention_mask.sum(axis=1).max())  # drop the padding no row uses: a shorter prefill
-    input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
-
-    eos_ids = {cfg.llm.get("eos_token_id"), tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(template.eos)
-               if template.eos else None} - {None, tokenizer.unk_token_id}
+    rows = [record_inputs(question_record(FLAGS.volume, q), spec, tokenizer, question_tokenizer, volume=volume,
+                          generation=True) for q in questions]
+    batch = {k: np.stack([row[k] for row in rows]) for k in rows[0] if k != "labels"}
+    width = int(batch["attention_mask"].sum(axis=1).max())  # drop the padding no row uses: a shorter prefill
     config = GenerationConfig(
-        max_new_tokens=FLAGS.max_new_tokens, eos_ids=tuple(sorted(eos_ids)), pad_id=tokenizer.pad_token_id,
-        do_sample=FLAGS.do_sample, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-        num_beams=FLAGS.num_beams,
+        max_new_tokens=FLAGS.max_new_tokens, eos_ids=stop_ids(tokenizer, template, cfg.llm.get("eos_token_id")),
+        pad_id=tokenizer.pad_token_id, do_sample=FLAGS.do_sample, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p, num_beams=FLAGS.num_beams,
     )
     out = generate(
-        model, np.repeat(volume[None], len(questions), axis=0), input_ids, attention_mask,
-        np.stack([q["question_ids"] for q in tgis]), np.stack([q["question_mask"] for q in tgis]),
+        model, batch["volume"], batch["input_ids"][:, :width], batch["attention_mask"][:, :width],
+        batch["question_ids"], batch["question_mask"],
         config=config, rng=jax.random.key(FLAGS.seed) if FLAGS.do_sample else None, tokenizer=tokenizer,
     )
     for text in out.texts:

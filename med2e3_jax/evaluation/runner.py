@@ -29,13 +29,13 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from data_pipelines.model_inputs import tgis_question
 from med2e3_jax.evaluation import metrics as M
 from med2e3_jax.evaluation.tasks import (
     Task,
     answer_choice,
     check_unique_ids,
     get_task,
-    prompt_question,
     record_id,
     reference,
     type_name,
@@ -133,7 +133,7 @@ def evaluate(
 def _sample(task: Task, record: Mapping, index: int) -> dict:
     sample = {
         "id": record_id(record, index),
-        "question": prompt_question(record),
+        "question": tgis_question(record),
         "reference": reference(record),
         "question_type": record.get("question_type"),
     }

@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from data_pipelines.annotations import load_records, question_text
+from data_pipelines.annotations import load_records
 from data_pipelines.errors import MissingFileError, RecordError
 from med2e3_jax.evaluation.metrics import ACCURACY
 
@@ -84,16 +84,6 @@ def type_name(question_type) -> str:
 
 def record_id(record: Mapping, index: int) -> str:
     return str(record["id"]) if record.get("id") is not None else f"#{index}"
-
-
-def prompt_question(record: Mapping) -> str:
-    """The TG-IS question of the record (`question`, else its last human turn without `<image3d>`)."""
-    if isinstance(record.get("question"), str):
-        return record["question"]
-    humans = [t["value"] for t in record.get("conversations", []) if t.get("from") == "human"]
-    if not humans:
-        raise RecordError(f"record {record.get('id')!r} has no human turn", path=str(record.get("id")))
-    return question_text(humans[-1])
 
 
 def reference(record: Mapping) -> str:
