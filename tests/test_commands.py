@@ -5,6 +5,7 @@ import importlib
 from importlib import metadata
 import pathlib
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -79,8 +80,9 @@ def test_an_unknown_config_name_is_a_usage_error_naming_it(tmp_path):
 
 
 def test_the_installed_wheel_runs_its_commands_without_the_checkout(tmp_path):
-    """`pip install .` into a fresh venv (dependencies from this interpreter's site-packages, the project
-    itself built from a copy of the tracked files), then its console scripts from another folder."""
+    """`pip install .` into a fresh venv (the project built from a copy of the files a commit would hold,
+    the dependencies on the path from this interpreter's site-packages), then its console scripts from
+    another folder."""
     source = tmp_path / "source"
     listed = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]  # what a commit would hold
     tracked = subprocess.run(listed, cwd=ROOT, capture_output=True, check=True).stdout
@@ -89,8 +91,13 @@ def test_the_installed_wheel_runs_its_commands_without_the_checkout(tmp_path):
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     python, bin_dir = env_dir / "bin" / "python", env_dir / "bin"
+    # The dependencies come from this interpreter's site-packages, added as plain paths: their .pth files
+    # (among them this checkout's editable install) are not run, so the venv's copy is the only project.
+    venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    pathlib.Path(venv_site, "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
                               "--no-build-isolation", "--ignore-installed", str(source)],
                              capture_output=True, text=True, timeout=600)
