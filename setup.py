@@ -25,6 +25,7 @@ setup(
         "flax>=0.12.8",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
+        "qwix==0.1.8",  # LoRA / QLoRA (med2e3_jax/lora.py); its API moves between releases
         "ml_collections>=1.0",
         "absl-py",
         "numpy>=1.26",
@@ -52,6 +53,8 @@ setup(
     extras_require={
         # Reading the authors' `pytorch_model.bin` files needs torch; safetensors does not.
         "torch": ["torch==2.13.0"],
+        # Adapters in PyTorch: peft loads what `export_peft` writes.
+        "peft": ["torch==2.13.0", "peft==0.21.2"],
         # BERTScore runs a PyTorch encoder.
         "eval": ["torch==2.13.0", "bert-score>=0.3.13"],
         # Hospital DICOM series; pylibjpeg decodes JPEG 2000 (lossless) compressed ones.
@@ -60,7 +63,7 @@ setup(
         # reference in the tests only.
         "test": [
             "torch==2.13.0", "bert-score>=0.3.13", "monai>=1.4", "pytest>=8", "pydicom>=2.4", "pylibjpeg",
-            "pylibjpeg-openjpeg",
+            "pylibjpeg-openjpeg", "peft==0.21.2",
         ],
         # The suite without torch (its parity tests skip): any Python and jax the package supports.
         "test-core": ["pytest>=8", "pydicom>=2.4", "pylibjpeg", "pylibjpeg-openjpeg"],
