@@ -8,13 +8,13 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 TEST_EXTRA="${TEST_EXTRA:-test}"
 case "$TEST_EXTRA" in
-  test) needs="torch, monai, bert_score," ;;
+  test) needs="torch, monai, bert_score, peft," ;;
   test-core) needs="" ;;
   *) echo "TEST_EXTRA must be test or test-core, not '$TEST_EXTRA'" >&2; exit 2 ;;
 esac
 # Installed, with the test extra, from this checkout (-I: not from the current directory)?
 if ! "$PYTHON" -I -c "
-import os, med2e3_jax, data_pipelines, $needs pytest, pydicom, grain, gguf, tensorboardX, matplotlib
+import os, med2e3_jax, data_pipelines, $needs pytest, pydicom, grain, gguf, tensorboardX, matplotlib, qwix
 import importlib_resources, tensorflow_datasets, nltk, rouge_score, sacrebleu, wn, punkt
 assert os.path.samefile(os.path.dirname(os.path.dirname(med2e3_jax.__file__)), '$PWD')
 " >/dev/null 2>&1; then
