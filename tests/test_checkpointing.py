@@ -10,7 +10,9 @@ import os
 import signal
 
 import jax
+import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from training_runs import (
@@ -123,3 +125,16 @@ def test_checkpoint_holds_trainable_params_only(uninterrupted):
     # M3D-CLIP's ViT and BERT are frozen in finetuning: they come from the init, never from a checkpoint.
     assert sorted(saved) == sorted(loop_config().train.trainable)
     assert "vision3d" not in saved and "question_encoder" not in saved
+
+
+@pytest.mark.parametrize("data_state", [{"next_index": 3, "epoch": {"seed": [1, 2]}}, b'{"last_seen": {"0": 5}}'],
+                         ids=["DatasetIterator", "DataLoaderIterator"])
+def test_data_iterator_state_comes_back_as_it_was_saved(tmp_path, data_state):
+    # Grain's `DatasetIterator.get_state()` is a dict, its `DataLoaderIterator`'s JSON bytes.
+    model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    with TrainCheckpointer(tmp_path, async_save=False) as checkpointer:
+        checkpointer.save(1, model=model, optimizer=optimizer, trainable=nnx.Param, rng_key=jax.random.key(0),
+                          data_state=data_state, config=ml_collections.ConfigDict({"seed": 0}))
+        restored = checkpointer.restore(model, optimizer, nnx.Param)
+    assert restored.data_state == data_state and type(restored.data_state) is type(data_state)

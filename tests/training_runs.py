@@ -214,18 +214,18 @@ def tail(path: str, chars: int = 6000) -> str:
 
 def _hang_in_save_of(step: int, marker: str) -> None:
     """Makes the save of `step` stop forever midway: after the arrays went out, before the commit."""
-    from med2e3_jax.train import checkpointing
+    from grain import checkpoint as grain_checkpoint
 
-    original = checkpointing.DataIteratorHandler.save
+    original = grain_checkpoint.CheckpointHandler.save
 
-    def save(self, directory, args):
-        original(self, directory, args)
+    def save(self, directory, *args, **kwargs):
+        original(self, directory, *args, **kwargs)
         if os.path.basename(os.path.dirname(str(directory))).startswith(f"{step}.orbax-checkpoint-tmp"):
             with open(marker, "w") as f:
                 f.write(str(directory))
             time.sleep(3600)
 
-    checkpointing.DataIteratorHandler.save = save
+    grain_checkpoint.CheckpointHandler.save = save
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,8 @@ Each step directory `workdir/checkpoints/<step>/` holds five Orbax items:
                     `train.base_checkpoint` or the stage's seeded init and are never rewritten
     optimizer       the optimizer state (step count, AdamW moments) of the trainable parameters
     train_state     JSON: step and the dropout RNG key
-    data_iterator   JSON, one file per process (`process_<i>-of-<n>.json`): the Grain iterator state
+    data_iterator   JSON, one file per process (`process_<i>-of-<n>.json`): the Grain iterator state,
+                    written by Grain's Orbax handler
     config          JSON: the whole experiment config, with the sharding rules it ran under
                     (`sharding.logical_axis_rules`)
 
@@ -30,8 +31,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
+from grain import checkpoint as grain_checkpoint
 
 from med2e3_jax import sharding
 from med2e3_jax.checkpoint.orbax_params import PARAMS_ITEM
@@ -49,61 +50,38 @@ logger = logging.getLogger(__name__)
 # --- the per-process data-iterator item -----------------------------------------------------------
 
 
-def _process_file(process_index: int, process_count: int) -> str:
-    return f"process_{process_index}-of-{process_count}.json"
+class _IteratorSnapshot:
+    """The item `grain.checkpoint.CheckpointHandler` saves and restores in place of the live iterator.
 
-
-class DataIteratorHandler(ocp.handlers.CheckpointHandler):
-    """Each process writes its own iterator state: the processes read different shards of the data.
-
-    Unlike `JsonCheckpointHandler` (primary host only), every process writes here. The state is a
-    JSON-able snapshot taken when `save` is called, so an asynchronous save cannot see a later state.
+    Grain's handler writes `item.get_state()` into `process_<i>-of-<n>.json`, every process its own
+    file, and restores with `item.set_state()`. The loop saves the state taken after the last trained
+    batch, not the live iterator's (that one may be a batch further: fetched, then the processes agreed
+    to stop), and `restore` returns the state instead of setting it on an iterator of the caller's.
     """
 
-    def save(self, directory: epath.Path, args: DataIteratorSave):
-        name = _process_file(jax.process_index(), jax.process_count())
-        (directory / name).write_text(json.dumps(args.state))
+    def __init__(self, state: Any = None):
+        self.state = state
 
-    def restore(self, directory: epath.Path, args: DataIteratorRestore | None = None) -> dict | None:
-        """This process's state, or None when the checkpoint was written by another process count."""
-        path = directory / _process_file(jax.process_index(), jax.process_count())
-        if not path.exists():
-            return None
-        return json.loads(path.read_text())
+    def get_state(self) -> bytes:
+        # Grain's handler decodes what an item other than a `DatasetIterator` returns: JSON bytes here.
+        # A `DataLoaderIterator`'s own state is bytes, kept as such under "__bytes__".
+        state = {"__bytes__": self.state.decode()} if isinstance(self.state, bytes) else self.state
+        return json.dumps(state).encode()
 
-    def metadata(self, directory: epath.Path) -> None:
-        return None
+    def set_state(self, state: bytes) -> None:
+        state = json.loads(state)
+        if isinstance(state, dict) and set(state) == {"__bytes__"}:
+            state = state["__bytes__"].encode()
+        self.state = state
 
-    def finalize(self, directory: epath.Path) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    def start_prefetch(self) -> None:
+        pass  # Grain's handler calls it after `set_state`; a snapshot has nothing to prefetch
 
 
-@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
-@dataclasses.dataclass
-class DataIteratorSave(ocp.args.CheckpointArgs):
-    state: Any
-
-
-@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
-@dataclasses.dataclass
-class DataIteratorRestore(ocp.args.CheckpointArgs):
-    pass
-
-
-def iterator_state_to_json(state) -> Any:
-    """Grain `DatasetIterator.get_state()` is a JSON-able dict; `DataLoaderIterator`'s is JSON bytes."""
-    if isinstance(state, bytes):
-        return {"__bytes__": state.decode()}
-    return state
-
-
-def iterator_state_from_json(state) -> Any:
-    if isinstance(state, dict) and set(state) == {"__bytes__"}:
-        return state["__bytes__"].encode()
-    return state
+def _iterator_state_file(step_directory: str) -> str:
+    """This process's file in the data-iterator item, named as Grain's handler names it."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return os.path.join(step_directory, DATA_ITERATOR, name)
 
 
 # --- RNG keys as JSON ------------------------------------------------------------------------------
@@ -172,7 +150,7 @@ class TrainCheckpointer:
             PARAMS: (ocp.args.StandardSave, ocp.args.StandardRestore),
             OPTIMIZER: (ocp.args.StandardSave, ocp.args.StandardRestore),
             TRAIN_STATE: (ocp.args.JsonSave, ocp.args.JsonRestore),
-            DATA_ITERATOR: (DataIteratorSave, DataIteratorRestore),
+            DATA_ITERATOR: (grain_checkpoint.CheckpointSave, grain_checkpoint.CheckpointRestore),
             CONFIG: (ocp.args.JsonSave, ocp.args.JsonRestore),
         }
         for name, arg_types in items.items():
@@ -216,7 +194,7 @@ class TrainCheckpointer:
                 PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, trainable))),
                 OPTIMIZER: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))),
                 TRAIN_STATE: ocp.args.JsonSave({"step": int(step), "rng_key": _key_to_json(rng_key)}),
-                DATA_ITERATOR: DataIteratorSave(iterator_state_to_json(data_state)),
+                DATA_ITERATOR: grain_checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
                 CONFIG: ocp.args.JsonSave(_config_json(config)),
             }
         )
@@ -226,6 +204,14 @@ class TrainCheckpointer:
         step = self._step_or_latest(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
         return ml_collections.ConfigDict(restored[CONFIG])
+
+    def saved_params(self, step: int | None = None) -> dict:
+        """The trainable parameters saved at `step` as a pure dict, on the shardings they were saved
+        with: for inspection, no model needed. (`manager.restore(step)` without arguments cannot read
+        the data-iterator item: Grain's handler restores into a live iterator.)"""
+        step = self._step_or_latest(step)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore()}))
+        return restored[PARAMS]
 
     def restore_params(self, model: nnx.Module, trainable, step: int | None = None) -> int:
         """Loads the saved trainable parameters into `model` (in place, on its shardings).
@@ -256,24 +242,24 @@ class TrainCheckpointer:
         where = os.path.join(self.directory, str(step))
         _check_shapes(metadata[PARAMS], params_target, os.path.join(where, PARAMS))
         _check_shapes(metadata[OPTIMIZER], opt_target, os.path.join(where, OPTIMIZER))
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    PARAMS: ocp.args.StandardRestore(params_target),
-                    OPTIMIZER: ocp.args.StandardRestore(opt_target),
-                    TRAIN_STATE: ocp.args.JsonRestore(),
-                    DATA_ITERATOR: DataIteratorRestore(),
-                    CONFIG: ocp.args.JsonRestore(),
-                }
-            ),
-        )
+        items = {
+            PARAMS: ocp.args.StandardRestore(params_target),
+            OPTIMIZER: ocp.args.StandardRestore(opt_target),
+            TRAIN_STATE: ocp.args.JsonRestore(),
+            CONFIG: ocp.args.JsonRestore(),
+        }
+        # Grain's handler raises when this process has no file: written by another process count.
+        data_snapshot = None
+        if os.path.exists(_iterator_state_file(where)):
+            data_snapshot = _IteratorSnapshot()
+            items[DATA_ITERATOR] = grain_checkpoint.CheckpointRestore(data_snapshot)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         nnx.replace_by_pure_dict(params, restored[PARAMS])
         nnx.update(model, params)
         nnx.replace_by_pure_dict(opt_state, restored[OPTIMIZER])
         nnx.update(optimizer, opt_state)
-        data_state = restored[DATA_ITERATOR]
-        if data_state is None:
+        data_state = None if data_snapshot is None else data_snapshot.state
+        if data_snapshot is None:
             logger.warning(
                 "checkpoint %s holds no data-iterator state for process %d of %d (it was written by another "
                 "process count): the data iterator starts afresh",
@@ -287,7 +273,7 @@ class TrainCheckpointer:
         return Restored(
             step=int(train_state["step"]),
             rng_key=_key_from_json(train_state["rng_key"]),
-            data_state=iterator_state_from_json(data_state),
+            data_state=data_state,
             config=saved_config,
         )
 
