@@ -111,32 +111,35 @@ def _scale(lora_cfg) -> float:
 
 
 def merge_lora(lora_model: nnx.Module, lora_cfg, base: nnx.Module) -> nnx.Module:
-    """`base` (a model without adapters, e.g. a fresh `Med2E3(cfg)` or `nnx.eval_shape` of one) given
-    the parameters of `lora_model`, each adapted kernel `w + a @ b * alpha / rank` in float32.
+    """`base` (the same model without adapters) given the parameters of `lora_model`, each adapted kernel
+    `w + a @ b * alpha / rank`, computed in float32.
+
+    Where `lora_model`'s base weights are quantized (`base_qtype`), `w` is `base`'s own kernel, which must
+    then hold the float weights (e.g. the base checkpoint loaded again): merging into the quantized
+    weights would bake their rounding into the result.
 
     Raises:
-      ValueError: the base weights of `lora_model` are quantized (merge into the float base instead).
+      ValueError: a quantized module whose kernel `base` does not hold concretely.
     """
     flat = dict(nnx.to_flat_state(nnx.state(lora_model, nnx.Param)))
-    merged = {}
+    target = dict(nnx.to_flat_state(nnx.state(base, nnx.Param)))
+    values = {path: flat[path].get_value() for path in target if path in flat}
     for module in lora_paths(lora_model):
-        kernel = flat.get((*module, "kernel"))
-        if kernel is None:  # qwix replaced it by a quantized array
-            raise ValueError(f"{'/'.join(map(str, module))}: the base kernel is quantized "
-                             f"(train.lora.base_qtype); merge the adapters into the unquantized base")
-        w = kernel.get_value()
+        path = (*module, "kernel")
+        w = values.get(path)
+        if w is None:  # qwix replaced the kernel by a quantized array
+            w = target[path].get_value()
+            if not isinstance(w, jax.Array):
+                raise ValueError(f"{'/'.join(map(str, module))}: the LoRA model's kernel is quantized and the "
+                                 f"base given to merge into holds no float weights for it (load them first)")
         a, b = flat[(*module, LORA_A)].get_value(), flat[(*module, LORA_B)].get_value()
         delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-        merged[(*module, "kernel")] = (w.astype(jnp.float32) + delta * _scale(lora_cfg)).astype(w.dtype)
-    values = {path: v.get_value() for path, v in flat.items()
-              if path[-1] not in (LORA_A, LORA_B) and not isinstance(v, nnx.LoRAParam)}
-    values.update(merged)
-    target = dict(nnx.to_flat_state(nnx.state(base, nnx.Param)))
+        values[path] = (w.astype(jnp.float32) + delta * _scale(lora_cfg)).astype(w.dtype)
     missing = sorted("/".join(map(str, p)) for p in target if p not in values)
     if missing:
-        raise ValueError(f"the base lacks no parameter of the LoRA model but these have no value: {missing[:5]}")
+        raise ValueError(f"the base has parameters the LoRA model lacks: {missing[:5]}")
     state = nnx.state(base, nnx.Param)
-    nnx.replace_by_pure_dict(state, _nested({p: values[p] for p in target}))
+    nnx.replace_by_pure_dict(state, _nested(values))
     nnx.update(base, state)
     return base
 

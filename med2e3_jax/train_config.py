@@ -7,20 +7,25 @@ import ml_collections
 
 from med2e3_jax.config import num_vision_tokens
 from med2e3_jax.data_config import data_config
+from med2e3_jax.lora import lora_config
 
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "finetune_lora")
 
 # Top-level Med2E3 submodules each stage trains; everything else is frozen (no gradient, no optimizer
-# state). M3D-CLIP's ViT and BERT stay frozen in both stages.
+# state). M3D-CLIP's ViT and BERT stay frozen in every stage. `finetune_lora` also trains the adapters
+# that `train.lora` puts on the frozen LLM (med2e3_jax/lora.py).
 TRAINABLE = {
     "pretrain": ("vision2d_connector", "vision3d_connector", "tgis"),
     "finetune": ("llm", "vision2d", "vision2d_connector", "vision3d_connector", "tgis"),
+    "finetune_lora": ("vision2d_connector", "vision3d_connector", "tgis"),
 }
+LORA_STAGES = ("finetune_lora",)
 
 
 def train_config(stage: str) -> ml_collections.ConfigDict:
     """The authors' scripts: pretrain lr 1e-4, 3 epochs, batch 64; finetune lr 5e-5, 4 epochs, batch
-    128 (2 x 32 x accumulation 2); AdamW, no weight decay, 3% warmup, cosine, clip 1.0."""
+    128 (2 x 32 x accumulation 2); AdamW, no weight decay, 3% warmup, cosine, clip 1.0. finetune_lora:
+    finetune's batches with LoRA's usual learning rate, 2e-4."""
     if stage not in STAGES:
         raise ValueError(f"training stage must be one of {STAGES}, got {stage!r}")
     pretrain = stage == "pretrain"
@@ -29,7 +34,7 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
             stage=stage,
             trainable=list(TRAINABLE[stage]),
             steps=1000,
-            learning_rate=1e-4 if pretrain else 5e-5,
+            learning_rate={"pretrain": 1e-4, "finetune": 5e-5, "finetune_lora": 2e-4}[stage],
             warmup_ratio=0.03,
             weight_decay=0.0,
             adam_b1=0.9,
@@ -59,6 +64,7 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
             components=dict(llm="", siglip="", m3d_clip="", vit3d="", question_encoder=""),
             init_from="",  # a previous stage's workdir whose trainable weights start this stage
             export_model=True,  # write the finished model to WORKDIR/model for generate/evaluate
+            lora=lora_config(),  # the adapters of finetune_lora (med2e3_jax/lora.py); other stages ignore it
         )
     )
 

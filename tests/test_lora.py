@@ -105,8 +105,22 @@ def test_a_quantized_base_stays_near_the_float_one(qtype, bound):
     logits = np.asarray(quantized(*inputs).logits)
     error = np.abs(logits - base).max() / np.abs(base).max()
     assert 0 < error < bound, f"{qtype}: relative logit error {error:.4f}"
-    with pytest.raises(ValueError, match="quantized"):
-        lora.merge_lora(quantized, _lora_cfg(base_qtype=qtype), Med2E3(config.model, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Med2E3(config.model, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="quantized and the base given to merge into holds no float weights"):
+        lora.merge_lora(quantized, _lora_cfg(base_qtype=qtype), abstract)
+    # Into the float base, the quantized LoRA model's adapters merge as into the float weights.
+    _randomize_adapters(quantized, 3)
+    merged = lora.merge_lora(quantized, _lora_cfg(base_qtype=qtype), copy.deepcopy(model))
+    expected = lora.merge_lora(_with_adapters_of(quantized, model, config), _lora_cfg(),
+                               Med2E3(config.model, rngs=nnx.Rngs(5)))
+    np.testing.assert_array_equal(np.asarray(merged(*inputs).logits), np.asarray(expected(*inputs).logits))
+
+
+def _with_adapters_of(quantized, float_model, config):
+    """`float_model` with float adapters holding the values of `quantized`'s."""
+    adapted = lora.apply_lora(copy.deepcopy(float_model), _lora_cfg(), *lora.example_inputs(config.model))
+    nnx.update(adapted, nnx.state(quantized, nnx.LoRAParam))
+    return adapted
 
 
 # peft on a tiny transformers LLM.

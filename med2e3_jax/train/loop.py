@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 from orbax.checkpoint import multihost
 
-from med2e3_jax import sharding
+from med2e3_jax import lora, sharding
 from med2e3_jax.checkpoint.orbax_params import save_params
 from med2e3_jax.models.med2e3 import Med2E3
 from med2e3_jax.train import state as state_lib
@@ -58,6 +58,7 @@ from med2e3_jax.train.checkpointing import (
     load_base_params,
 )
 from med2e3_jax.train.metrics import MetricsWriter
+from med2e3_jax.train_config import LORA_STAGES
 
 CONFIG_FILE = "config.json"
 AGREE_TIMEOUT_S = 3600  # how long a process waits for the others at a step (the first step compiles)
@@ -183,12 +184,19 @@ def init_model(model_cfg: ml_collections.ConfigDict, seed: int, mesh) -> Med2E3:
     return nnx.merge(graphdef, params)
 
 
-def build_model(config: ml_collections.ConfigDict, mesh) -> Med2E3:
+def build_model(config: ml_collections.ConfigDict, mesh, *, adapters: bool = True) -> Med2E3:
     """The stage's starting point on the mesh: every weight of the base checkpoint (or the seeded init
     without one, with the pretrained `train.components` imported over it), then the trainable weights of
-    the previous stage (`train.init_from`)."""
+    the previous stage (`train.init_from`), then, in a LoRA stage (unless `adapters` is False), the
+    adapters of `train.lora` (`med2e3_jax/lora.py`), with the base quantized if `train.lora.base_qtype`."""
     train_cfg = config.train
     components = {name: path for name, path in train_cfg.components.items() if path}
+    lora_stage = train_cfg.stage in LORA_STAGES
+    if lora_stage:
+        lora.check_lora_config(train_cfg.lora)
+        if not train_cfg.base_checkpoint and not components.get("llm"):
+            raise ValueError(f"stage {train_cfg.stage!r} adapts a pretrained LLM: set config.train.base_checkpoint "
+                             "(Orbax params, med2e3-convert) or config.train.components.llm")
     if components and train_cfg.base_checkpoint:
         raise ValueError(f"config.train.base_checkpoint and config.train.components ({sorted(components)}) are both "
                          "set: the base checkpoint already holds every weight, set one of them")
@@ -215,6 +223,11 @@ def build_model(config: ml_collections.ConfigDict, mesh) -> Med2E3:
             saved = previous.saved_config()
             step = previous.restore_params(model, state_lib.trainable_filter(saved.train))
         logger.info("trainable weights of stage %r (step %d) from %s", saved.train.stage, step, train_cfg.init_from)
+    if lora_stage and adapters:
+        model = lora.apply_lora(model, train_cfg.lora, *lora.example_inputs(config.model))
+        sharding.shard_model(model, mesh)
+        logger.info("LoRA rank %d on %d modules matching %s, base %s", train_cfg.lora.rank,
+                    len(lora.lora_paths(model)), train_cfg.lora.module_path, train_cfg.lora.base_qtype or "as loaded")
     return model
 
 
@@ -380,8 +393,12 @@ def _train(config, workdir, make_iterator) -> TrainResult:
             if step > 0:
                 save(step)
         if step == train_cfg.steps and not preempted and train_cfg.export_model:
-            # The whole model (frozen weights too) with its config: what generate/evaluate read.
-            save_params(model, os.path.join(workdir, MODEL_DIR))
+            # The whole model (frozen weights too) with its config: what generate/evaluate read. A LoRA
+            # stage's adapters are merged into the float base (loaded again where it was quantized).
+            exported = model
+            if train_cfg.stage in LORA_STAGES:
+                exported = lora.merge_lora(model, train_cfg.lora, build_model(config, mesh, adapters=False))
+            save_params(exported, os.path.join(workdir, MODEL_DIR))
             logger.info("model written to %s", os.path.join(workdir, MODEL_DIR))
     finally:
         checkpointer.wait_until_finished()

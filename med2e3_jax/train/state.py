@@ -28,11 +28,11 @@ class _UnderSubmodules:
 
 
 def trainable_filter(train_cfg):
-    """The `nnx.Param`s under the submodules listed in `train_cfg.trainable`."""
+    """The `nnx.Param`s under the submodules listed in `train_cfg.trainable`, and every LoRA adapter."""
     names = tuple(train_cfg.trainable)
     if not names:
         raise ValueError(f"train.trainable is empty for stage {train_cfg.get('stage')!r}: nothing to train")
-    return nnx.All(nnx.Param, _UnderSubmodules(names))
+    return nnx.Any(nnx.All(nnx.Param, _UnderSubmodules(names)), nnx.LoRAParam)
 
 
 def check_trainable(model, train_cfg) -> None:
