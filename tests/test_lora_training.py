@@ -122,3 +122,18 @@ def test_lora_on_eight_devices_with_fsdp_equals_one_device(base):
     for name, value in _flat(eight, nnx.LoRAParam).items():
         # Adam's first steps move a weight by about lr whatever its gradient; see test_sharding.py.
         np.testing.assert_allclose(value, reference[name], atol=5e-5, err_msg=name)
+
+
+def test_qlora_with_an_nf4_base_lowers_the_loss_in_a_few_steps(base):
+    config = _config(base, warmup_ratio=0.0, learning_rate=3e-3)
+    config.train.lora.base_qtype = "nf4"
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    with sharding.logical_axis_rules(sharding.rules_of(config)):
+        model = loop.build_model(config, mesh)
+        qvalue = model.llm.layers[0].self_attn.qkv_proj.kernel.array.qvalue.get_value()
+        assert qvalue.dtype == jax.numpy.uint4  # the base is stored in 4 bits
+        optimizer = state_lib.make_optimizer(model, config.train)
+        batch = sharding.global_batch({k: v for k, v in random_batch(config, 8, seed=0).items()
+                                       if k in MODEL_INPUTS}, mesh)
+        losses = [float(train_step(model, optimizer, batch, jax.random.key(3))["loss"]) for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.05, losses
