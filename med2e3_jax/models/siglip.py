@@ -25,6 +25,20 @@ from med2e3_jax.models.remat import remat_layer
 from med2e3_jax.sharding import param_axes
 
 
+class SiglipPatchEmbedding(nnx.Module):
+    """The weights of HF's patch convolution, `kernel` (patch, patch, channels, embed) and `bias`, under
+    the names and with the init of `nnx.Conv`. `SiglipEmbeddings` applies them as a matmul on patches
+    (the stride is the kernel's size), so no convolution module is kept that nothing would call."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        shape = (cfg.patch_size, cfg.patch_size, cfg.num_channels, cfg.hidden_size)
+        # Patch and position embeddings feed the residual stream: kept whole (sharding.py).
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape, param_dtype),
+                                **param_axes(None, None, None, None))
+        self.bias = nnx.Param(nnx.initializers.zeros_init()(rngs.params(), (cfg.hidden_size,), param_dtype),
+                              **param_axes(None))
+
+
 class SiglipEmbeddings(nnx.Module):
     """Non-overlapping patch projection + learned position embedding (one per patch, no CLS)."""
 
@@ -35,20 +49,7 @@ class SiglipEmbeddings(nnx.Module):
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.dtype = dtype
-        self.patch_embedding = nnx.Conv(
-            cfg.num_channels,
-            cfg.hidden_size,
-            kernel_size=(cfg.patch_size, cfg.patch_size),
-            strides=(cfg.patch_size, cfg.patch_size),
-            padding="VALID",
-            use_bias=True,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            # Patch and position embeddings feed the residual stream: kept whole (sharding.py).
-            kernel_metadata=param_axes(None, None, None, None),
-            bias_metadata=param_axes(None),
-        )
+        self.patch_embedding = SiglipPatchEmbedding(cfg, rngs=rngs, param_dtype=param_dtype)
         self.position_embedding = nnx.Embed(
             self.num_patches, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
             embedding_metadata=param_axes(None, None),
@@ -68,8 +69,8 @@ class SiglipEmbeddings(nnx.Module):
                 f"SigLIP expects images of {self.image_size}x{self.image_size}x{self.num_channels} "
                 f"(cfg.image_size, cfg.num_channels; or 1 channel, copied), got {height}x{width}x{channels}"
             )
-        # The convolution's stride is its size: a reshape into patches and one matmul, which XLA:CPU runs
-        # several times faster than the convolution (and its gradient) on slices this small.
+        # HF's convolution has its stride equal to its size: a reshape into patches and one matmul, which
+        # XLA:CPU runs several times faster than the convolution (and its gradient) on slices this small.
         kernel = self.patch_embedding.kernel[...]  # (patch, patch, channels, embed)
         if channels != kernel.shape[2]:
             kernel = kernel.sum(axis=2, keepdims=True)
