@@ -1,7 +1,7 @@
 """The authors' volume preprocessing and training augmentations, in numpy, equal to MONAI's transforms.
 
-Evaluation — the intensity steps are the authors' group's preparation of raw CT (DESIGN §4), the crop and
-resize Med-2E3's load-time `Vision3DPreprocess`:
+Evaluation — the intensity steps are the authors' group's preparation of raw CT (docs/data.md), the
+crop and resize Med-2E3's load-time `Vision3DPreprocess`:
 
     CT   ScaleIntensityRange(a_min=-1000, a_max=1000, b_min=0, b_max=1, clip=True)   `hu_to_unit`
          ScaleIntensity()  (min-max to [0, 1])                                        `min_max`

@@ -2,7 +2,7 @@
 
 A `PortTable` is a list of `Rule`s, each a pair of patterns with `{name}` placeholders that match
 integers (layer indices), plus the transform that turns the torch tensor into the JAX one and back.
-Tables are written per component relative to the component (`checkpoint/*_table.py`) and composed
+Tables are written per component relative to the component (`checkpoint/*_port.py`) and composed
 with prefixes, so that one rule serves a component checkpoint and the full model alike.
 
 Import is strict and streaming: tensors are read one at a time; every source tensor is either

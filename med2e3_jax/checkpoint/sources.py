@@ -5,8 +5,8 @@ or from a memory-mapped pickle (`pytorch_model.bin`), and `read` materialises on
 stays near the size of the model being filled rather than the checkpoint. File pages a read touches
 through a memory map count as the process's resident memory for as long as they stay mapped, so each
 reader gives them back once the tensor is copied out (a fresh safetensors mapping per read; `madvise` on
-the `.bin` mapping). `open_checkpoint` recognises the layouts of DESIGN.md §2 and presents each as one
-source in the module-path key namespace.
+the `.bin` mapping). `open_checkpoint` recognises the layouts the authors' weights come in
+(docs/checkpoints.md, Formats) and presents each as one source in the module-path key namespace.
 """
 
 from __future__ import annotations
