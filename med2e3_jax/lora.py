@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 
 import jax
@@ -35,6 +36,7 @@ from med2e3_jax.checkpoint.port import CheckpointMismatchError, PortTable
 LORA_A, LORA_B = "kernel_lora_a", "kernel_lora_b"
 BASE_QTYPES = ("", "nf4", "int8")
 PEFT_PREFIX = "base_model.model."
+LORA_STAGES = ("finetune_lora",)
 
 
 def lora_config() -> ml_collections.ConfigDict:
@@ -202,6 +204,32 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> dict:
         if config.get(key) == unsupported:
             raise CheckpointMismatchError(f"{path}: {key}={unsupported} is not supported")
     return config
+
+
+def lora_config_from_peft(adapter_dir: str | os.PathLike, table: PortTable) -> ml_collections.ConfigDict:
+    """`train.lora` for a peft adapter folder: its rank, alpha and dropout, and a `module_path` naming
+    exactly the modules its tensors adapt (through `table`, from the authors' module names to ours).
+
+    Raises:
+      CheckpointMismatchError: an adapted module no port rule maps (naming it).
+    """
+    from safetensors import safe_open
+
+    peft_config = read_peft_config(adapter_dir)
+    weights = pathlib.Path(adapter_dir) / "adapter_model.safetensors"
+    with safe_open(str(weights), "np") as f:
+        keys = list(f.keys())
+    modules = set()
+    for key in keys:
+        name = key.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight").rsplit(".lora_", 1)[0]
+        found = table.target_for(f"{name}.weight")
+        if found is None or not found[0].endswith(".kernel"):
+            raise CheckpointMismatchError(f"{weights}: {key} adapts {name!r}, which no port rule maps to a kernel")
+        modules.add(found[0][: -len(".kernel")].replace(".", "/"))
+    cfg = lora_config()
+    cfg.update(rank=int(peft_config["r"]), alpha=float(peft_config.get("lora_alpha", peft_config["r"])),
+               dropout=0.0, module_path="|".join(sorted(re.escape(m) for m in modules)))
+    return cfg
 
 
 def import_peft(lora_model: nnx.Module, adapter_dir: str | os.PathLike, table: PortTable) -> nnx.Module:

@@ -19,7 +19,7 @@ TRAINABLE = {
     "finetune": ("llm", "vision2d", "vision2d_connector", "vision3d_connector", "tgis"),
     "finetune_lora": ("vision2d_connector", "vision3d_connector", "tgis"),
 }
-LORA_STAGES = ("finetune_lora",)
+
 
 
 def train_config(stage: str) -> ml_collections.ConfigDict:

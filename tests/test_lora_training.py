@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from commands_for_tests import run_command
 from training_runs import compilation_cache, loop_config, shared_cache_dir, synthetic_iterator
 
 from med2e3_jax import sharding
@@ -49,10 +50,16 @@ def test_a_lora_stage_without_a_base_says_so_before_compiling(tmp_path):
         loop.train(loop_config("finetune_lora"), tmp_path, make_iterator=synthetic_iterator())
 
 
-def test_only_the_adapters_and_the_connectors_change_and_the_export_is_merged(base, tmp_path):
+@pytest.fixture(scope="module")
+def lora_run(base, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("lora_run")
     config = _config(base, steps=4, checkpoint_every=4)
+    return config, workdir, loop.train(config, workdir, make_iterator=synthetic_iterator())
+
+
+def test_only_the_adapters_and_the_connectors_change_and_the_export_is_merged(base, lora_run):
+    config, tmp_path, result = lora_run
     start = _flat(restore_params(base))
-    result = loop.train(config, tmp_path, make_iterator=synthetic_iterator())
     after = _flat(result.model)
     adapters = _flat(result.model, nnx.LoRAParam)
     assert adapters and all(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
@@ -78,6 +85,26 @@ def test_only_the_adapters_and_the_connectors_change_and_the_export_is_merged(ba
     with jax.default_matmul_precision("highest"):
         np.testing.assert_allclose(np.asarray(exported(*inputs).logits), np.asarray(result.model(*inputs).logits),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_convert_merges_a_run_and_round_trips_its_adapters_through_peft_format(base, lora_run, tmp_path):
+    _, workdir, _ = lora_run
+    done = run_command("convert", f"--lora_run={workdir}", f"--out={tmp_path / 'merged'}",
+                       f"--peft_out={tmp_path / 'adapter'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = _flat(restore_params(tmp_path / "merged"))
+    exported = _flat(restore_params(workdir / loop.MODEL_DIR))
+    for name, value in exported.items():
+        np.testing.assert_array_equal(merged[name], value, err_msg=name)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    # The adapters alone, merged into the base again: the LLM as in the run (the connectors stay the base's).
+    done = run_command("convert", f"--peft={tmp_path / 'adapter'}", f"--orbax={base}", f"--out={tmp_path / 'again'}",
+                       cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = _flat(restore_params(tmp_path / "again"))
+    for name, value in merged.items():
+        if name.startswith("llm/"):
+            np.testing.assert_allclose(again[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_resume_is_exact(base, tmp_path):

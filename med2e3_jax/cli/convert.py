@@ -20,6 +20,13 @@ resident memory is about 1.1x the bytes of the parameters written (benchmarks/be
 Orbax -> PyTorch (module-path keys, one safetensors file, or the release layout with --layout=release):
 
     med2e3-convert --orbax /path/to/orbax --out model.safetensors
+
+LoRA: a finetune_lora run's adapters merged into its base (exact in float32), and as a peft adapter
+folder that `peft.PeftModel.from_pretrained` loads on the authors' model; a peft folder merged into an
+Orbax base:
+
+    med2e3-convert --lora_run runs/finetune_lora --out merged_orbax [--peft_out adapter/]
+    med2e3-convert --peft adapter/ --orbax base_orbax --out merged_orbax
 """
 
 import json
@@ -61,6 +68,13 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                       flag_values=flag_values)
     flags.DEFINE_string("out", None, "output: Orbax directory, or PyTorch file / directory", flag_values=flag_values)
     flags.DEFINE_integer("seed", 0, "init seed of parameters no component covers", flag_values=flag_values)
+    flags.DEFINE_string("lora_run", None, "a finetune_lora workdir: --out gets its adapters merged into the base "
+                        "(Orbax), --peft_out its adapters in peft's format", flag_values=flag_values)
+    flags.DEFINE_string("peft_out", None, "with --lora_run: also write the adapters as a peft folder",
+                        flag_values=flag_values)
+    flags.DEFINE_string("peft", None, "a peft adapter folder (adapter_config.json, adapter_model.safetensors) to "
+                        "merge into the Orbax base of --orbax; --out gets the merged Orbax model",
+                        flag_values=flag_values)
     flags.mark_flag_as_required("out", flag_values=flag_values)
 
 
@@ -95,6 +109,55 @@ def to_pytorch():
     print(f"wrote {len(written)} tensors ({sum(_size(s) for s in written.values()):,} parameters) to {FLAGS.out}")
 
 
+def lora_run():
+    """The latest checkpoint of a finetune_lora workdir: merged into its base (--out), adapters (--peft_out)."""
+    import os
+
+    import jax
+    import ml_collections
+
+    from med2e3_jax import lora, sharding
+    from med2e3_jax.train import loop
+    from med2e3_jax.train import state as state_lib
+    from med2e3_jax.train.checkpointing import CHECKPOINT_DIR, TrainCheckpointer
+
+    with open(os.path.join(FLAGS.lora_run, loop.CONFIG_FILE), encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.train.stage not in lora.LORA_STAGES:
+        sys.exit(f"--lora_run {FLAGS.lora_run}: stage {config.train.stage!r}, not a LoRA stage "
+                 f"({', '.join(lora.LORA_STAGES)})")
+    config.mesh.update(data=1, fsdp=1, tensor=1)
+    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+    with sharding.logical_axis_rules(sharding.rules_of(config)):
+        model = loop.build_model(config, mesh)
+        with TrainCheckpointer(os.path.join(FLAGS.lora_run, CHECKPOINT_DIR), read_only=True) as checkpointer:
+            step = checkpointer.restore_params(model, state_lib.trainable_filter(config.train))
+        print(f"{FLAGS.lora_run}: step {step}, LoRA rank {config.train.lora.rank} on "
+              f"{len(lora.lora_paths(model))} modules")
+        if FLAGS.peft_out:
+            lora.export_peft(model, config.train.lora, FLAGS.peft_out, FULL_TABLE)
+            print(f"wrote peft adapters {FLAGS.peft_out}")
+        merged = lora.merge_lora(model, config.train.lora, loop.build_model(config, mesh, adapters=False))
+    save_params(merged, FLAGS.out)
+    print(f"wrote the merged Orbax checkpoint {FLAGS.out}")
+
+
+def peft_to_orbax():
+    """A peft adapter folder merged into the Orbax base of --orbax, strictly."""
+    import copy
+
+    from med2e3_jax import lora
+
+    if not FLAGS.orbax:
+        sys.exit("--peft needs --orbax: the Orbax base the adapters were trained on")
+    base = restore_params(FLAGS.orbax)
+    lora_cfg = lora.lora_config_from_peft(FLAGS.peft, FULL_TABLE)
+    adapted = lora.apply_lora(copy.deepcopy(base), lora_cfg, *lora.example_inputs(base.cfg))
+    lora.import_peft(adapted, FLAGS.peft, FULL_TABLE)
+    save_params(lora.merge_lora(adapted, lora_cfg, base), FLAGS.out)
+    print(f"merged {len(lora.lora_paths(adapted))} adapters (rank {lora_cfg.rank}) into {FLAGS.orbax}: {FLAGS.out}")
+
+
 def _size(shape):
     total = 1
     for dim in shape:
@@ -106,6 +169,14 @@ def main(argv):
     del argv
     logging.getLogger().setLevel(logging.INFO)
     sources = [FLAGS.checkpoint, *(getattr(FLAGS, name) for name in COMPONENT_FLAGS)]
+    if FLAGS.lora_run:
+        lora_run()
+        return
+    if FLAGS.peft:
+        peft_to_orbax()
+        return
+    if FLAGS.peft_out:
+        sys.exit("--peft_out writes the adapters of --lora_run")
     if FLAGS.orbax and any(sources):
         sys.exit("--orbax converts to PyTorch; it does not combine with PyTorch inputs")
     if FLAGS.orbax:

@@ -58,7 +58,6 @@ from med2e3_jax.train.checkpointing import (
     load_base_params,
 )
 from med2e3_jax.train.metrics import MetricsWriter
-from med2e3_jax.train_config import LORA_STAGES
 
 CONFIG_FILE = "config.json"
 AGREE_TIMEOUT_S = 3600  # how long a process waits for the others at a step (the first step compiles)
@@ -191,7 +190,7 @@ def build_model(config: ml_collections.ConfigDict, mesh, *, adapters: bool = Tru
     adapters of `train.lora` (`med2e3_jax/lora.py`), with the base quantized if `train.lora.base_qtype`."""
     train_cfg = config.train
     components = {name: path for name, path in train_cfg.components.items() if path}
-    lora_stage = train_cfg.stage in LORA_STAGES
+    lora_stage = train_cfg.stage in lora.LORA_STAGES
     if lora_stage:
         lora.check_lora_config(train_cfg.lora)
         if not train_cfg.base_checkpoint and not components.get("llm"):
@@ -396,7 +395,7 @@ def _train(config, workdir, make_iterator) -> TrainResult:
             # The whole model (frozen weights too) with its config: what generate/evaluate read. A LoRA
             # stage's adapters are merged into the float base (loaded again where it was quantized).
             exported = model
-            if train_cfg.stage in LORA_STAGES:
+            if train_cfg.stage in lora.LORA_STAGES:
                 exported = lora.merge_lora(model, train_cfg.lora, build_model(config, mesh, adapters=False))
             save_params(exported, os.path.join(workdir, MODEL_DIR))
             logger.info("model written to %s", os.path.join(workdir, MODEL_DIR))
