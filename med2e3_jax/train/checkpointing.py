@@ -78,6 +78,24 @@ class _IteratorSnapshot:
         pass  # Grain's handler calls it after `set_state`; a snapshot has nothing to prefetch
 
 
+class _DataIteratorHandler(grain_checkpoint.CheckpointHandler):
+    """Grain's handler under a class of its own, only so that its restore arguments can default to an
+    empty snapshot: Orbax builds default arguments for every item when `manager.restore(step)` is called
+    without any, and Grain's `CheckpointRestore` needs an item."""
+
+
+@ocp.args.register_with_handler(_DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class _DataIteratorSave(grain_checkpoint.CheckpointSave):
+    pass
+
+
+@ocp.args.register_with_handler(_DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataIteratorRestore(grain_checkpoint.CheckpointRestore):
+    item: Any = dataclasses.field(default_factory=_IteratorSnapshot)
+
+
 def _iterator_state_file(step_directory: str) -> str:
     """This process's file in the data-iterator item, named as Grain's handler names it."""
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -150,7 +168,7 @@ class TrainCheckpointer:
             PARAMS: (ocp.args.StandardSave, ocp.args.StandardRestore),
             OPTIMIZER: (ocp.args.StandardSave, ocp.args.StandardRestore),
             TRAIN_STATE: (ocp.args.JsonSave, ocp.args.JsonRestore),
-            DATA_ITERATOR: (grain_checkpoint.CheckpointSave, grain_checkpoint.CheckpointRestore),
+            DATA_ITERATOR: (_DataIteratorSave, _DataIteratorRestore),
             CONFIG: (ocp.args.JsonSave, ocp.args.JsonRestore),
         }
         for name, arg_types in items.items():
@@ -194,7 +212,7 @@ class TrainCheckpointer:
                 PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, trainable))),
                 OPTIMIZER: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))),
                 TRAIN_STATE: ocp.args.JsonSave({"step": int(step), "rng_key": _key_to_json(rng_key)}),
-                DATA_ITERATOR: grain_checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
+                DATA_ITERATOR: _DataIteratorSave(_IteratorSnapshot(data_state)),
                 CONFIG: ocp.args.JsonSave(_config_json(config)),
             }
         )
@@ -204,14 +222,6 @@ class TrainCheckpointer:
         step = self._step_or_latest(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
         return ml_collections.ConfigDict(restored[CONFIG])
-
-    def saved_params(self, step: int | None = None) -> dict:
-        """The trainable parameters saved at `step` as a pure dict, on the shardings they were saved
-        with: for inspection, no model needed. (`manager.restore(step)` without arguments cannot read
-        the data-iterator item: Grain's handler restores into a live iterator.)"""
-        step = self._step_or_latest(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore()}))
-        return restored[PARAMS]
 
     def restore_params(self, model: nnx.Module, trainable, step: int | None = None) -> int:
         """Loads the saved trainable parameters into `model` (in place, on its shardings).
@@ -252,7 +262,7 @@ class TrainCheckpointer:
         data_snapshot = None
         if os.path.exists(_iterator_state_file(where)):
             data_snapshot = _IteratorSnapshot()
-            items[DATA_ITERATOR] = grain_checkpoint.CheckpointRestore(data_snapshot)
+            items[DATA_ITERATOR] = _DataIteratorRestore(data_snapshot)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         nnx.replace_by_pure_dict(params, restored[PARAMS])
         nnx.update(model, params)
