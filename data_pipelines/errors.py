@@ -43,7 +43,21 @@ class UnsupportedFormatError(DataError):
 
 
 class VolumeShapeError(DataError):
-    """The data is not one 3-D volume: wrong number of dimensions, or slices that form no regular grid."""
+    """The data is not one 3-D volume: wrong number of dimensions, an axis shorter than the limits allow
+    (one slice, three colour channels), or slices that form no regular grid."""
+
+
+class VolumeTooLargeError(DataError):
+    """The file's header asks for more voxels or header bytes than `readers.VolumeLimits` allow; refused
+    before anything of that size is allocated or decompressed."""
+
+
+class NotAnImageError(DataError):
+    """The data is a mask or label map (boolean, 1-bit, or a handful of distinct values), not an image."""
+
+
+class OutsideDataRootError(DataError):
+    """A record's volume path resolves (symlinks followed) outside the data root it is confined to."""
 
 
 class NonFiniteVolumeError(DataError):
@@ -59,4 +73,9 @@ class EmptyForegroundError(DataError):
 
 
 class RecordError(DataError):
-    """A malformed annotation record: no `<image3d>`, a broken conversation, missing fields."""
+    """A malformed annotation record: no `<image3d>`, a broken conversation, missing fields, no question."""
+
+
+class PromptTooLongError(RecordError):
+    """The record's prompt does not fit `llm_max_length`: no answer token left to train on, or the
+    generation prompt cut off; the message gives the token counts."""

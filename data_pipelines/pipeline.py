@@ -63,13 +63,14 @@ import numpy as np
 from data_pipelines import shm_slots
 from data_pipelines.annotations import validate_record
 from data_pipelines.errors import DataError, RecordError, VolumeShapeError
-from data_pipelines.model_inputs import InputSpec, load_volume, record_inputs
+from data_pipelines.model_inputs import InputSpec, load_volume, record_inputs, volume_limits
 from data_pipelines.preprocess import augment
 
 logger = logging.getLogger(__name__)
 
-# The skip budget is judged only after this many records, so that one bad file among the first few
-# does not abort a run whose overall skip rate is fine.
+# Within a run the skip budget is judged once this many examples were read, so that one bad file among
+# the first few does not abort a run whose overall skip rate is fine; at the end of the data, and at
+# the end of a run (`BatchIterator.check_skip_budget`), it is judged whatever the count.
 MIN_SEEN_BEFORE_ABORT = 20
 
 BATCH_KEYS = ("volume", "input_ids", "labels", "attention_mask", "question_ids", "question_mask", "record_index")
@@ -110,6 +111,8 @@ class LoadExample:
             volume_shape=tuple(int(s) for s in cfg.volume_shape), num_vision_tokens=int(cfg.num_vision_tokens),
             max_length=int(cfg.max_length), question_max_length=int(cfg.question_max_length),
             template=cfg.template, modality=cfg.modality, hu_window=tuple(float(w) for w in cfg.hu_window),
+            data_root=cfg.get("image_root") or None, allow_outside_root=bool(cfg.get("allow_outside_root", False)),
+            limits=volume_limits(cfg),
         )
         self.augment = bool(train and cfg.augment)
         self.seed = int(cfg.seed)
@@ -140,7 +143,7 @@ class LoadExample:
     def example(self, epoch: int, index: int) -> dict[str, np.ndarray]:
         if self.from_records:
             record = self.source[index]
-            volume = load_volume(record["vision3d"][0], self.spec)
+            volume = load_volume(record["vision3d"][0], self.spec, record_id=record.get("id", f"#{index}"))
         else:
             item = self.source[index]
             record = _decode_record(item["record"], index)
@@ -335,8 +338,19 @@ class BatchIterator(grain.DatasetIterator):
         self._chunk: Chunk | None = None
         self._position = 0  # visits of `_chunk` consumed
         self._row = 0  # good examples of `_chunk` consumed
+        self._last_skipped: Skipped | None = None
 
     def __next__(self) -> dict[str, np.ndarray]:
+        batch = self._next_batch()
+        self._check_budget(at_end=False)  # every batch: a run must not go on over budget without a new skip
+        return batch
+
+    def check_skip_budget(self) -> None:
+        """TooManySkipsError if more than `max_skip_fraction` of the examples read so far were skipped,
+        however few were read: for the trainer at the end of a run, which may stop before the data does."""
+        self._check_budget(at_end=True)
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
         self._assert_not_closed()
         if self._chunks is None:
             if self.dataset.worker_count > 0:
@@ -390,6 +404,7 @@ class BatchIterator(grain.DatasetIterator):
         if self.dataset.strict:
             raise skipped.error
         self.skipped += 1
+        self._last_skipped = skipped
         logger.warning(
             "skipping record %d (%s): %s: %s [%d of %d examples skipped so far]",
             skipped.record_index, skipped.error.path, type(skipped.error).__name__, skipped.error,
@@ -401,6 +416,7 @@ class BatchIterator(grain.DatasetIterator):
         seen, budget = self.next_index, self.dataset.max_skip_fraction
         if self.skipped <= budget * seen or (not at_end and seen < MIN_SEEN_BEFORE_ABORT):
             return
+        last = last or self._last_skipped
         last_line = f"; the last: {last.error}" if last is not None else ""
         raise TooManySkipsError(
             f"skipped {self.skipped} of {seen} examples ({self.skipped / seen:.1%}), more than "

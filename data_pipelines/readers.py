@@ -11,7 +11,10 @@ or directions; a `.npy` carries none and is taken as already in it (M3D's volume
 Hounsfield units for CT (the file's slope and intercept applied), as stored for everything else.
 
 Every problem that lies in the file raises its own `DataError` naming the file (see `errors.py`), so the
-pipeline can count and skip it.
+pipeline can count and skip it; the libraries' own exceptions (nibabel's, numpy's, pydicom's) are turned
+into one of them. What a file may ask for is bounded by `VolumeLimits`, checked on its header before
+anything of that size is allocated or decompressed: a header's promise of a huge array, or a small
+`.nii.gz` that inflates to gigabytes, costs no more memory than the limits allow.
 """
 
 from __future__ import annotations
@@ -28,12 +31,71 @@ from data_pipelines.errors import (
     CorruptFileError,
     MissingFileError,
     NonFiniteVolumeError,
+    NotAnImageError,
     UnsupportedFormatError,
     VolumeShapeError,
+    VolumeTooLargeError,
 )
 
 # nibabel axis codes of the frame above: index increases towards Inferior, Posterior, Left.
 CANONICAL_AXCODES = ("I", "P", "L")
+NIFTI1_HEADER_BYTES, NIFTI2_HEADER_BYTES = 348, 540
+GZIP_MAGIC = b"\x1f\x8b"
+NIFTI_INTENT_LABEL = 1002  # the NIfTI intent code of a label map
+# Voxels drawn to tell an image from a mask: enough to meet every tissue of a CT, cheap to sort.
+MASK_SAMPLE = 1 << 16
+# A label map holds this many distinct small non-negative integers at most; an image holds more.
+MAX_LABELS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeLimits:
+    """What one volume file may ask for, checked on its header before anything of that size is allocated
+    or decompressed.
+
+    max_voxels: voxels of the stored volume. The default, 1024 x 1024 x 2048, holds a thin-slice
+      whole-body CT at full in-plane resolution (its float32 copy is 8 GiB).
+    max_header_bytes: bytes before the voxels: a NIfTI header with its extensions, a `.npy` header.
+    min_extent: voxels along every axis. Fewer is one slice, or the 3 or 4 channels of a colour image,
+      not a volume to resample to the model's depth.
+    """
+
+    max_voxels: int = 1024 * 1024 * 2048
+    max_header_bytes: int = 1 << 24
+    min_extent: int = 8
+
+    def __post_init__(self):
+        for name in ("max_voxels", "max_header_bytes", "min_extent"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"VolumeLimits.{name} must be a positive integer, got {value!r}")
+
+    def check_shape(self, shape: tuple[int, ...], path, *, what: str = "shape") -> int:
+        """The voxel count of a (depth, height, width) `shape` read from a header, or the error naming
+        `path`: too many voxels (VolumeTooLargeError), an axis shorter than `min_extent` (VolumeShapeError)."""
+        if len(shape) != 3 or min(shape) < 1:
+            raise VolumeShapeError(f"{path}: {what} {shape} is not one 3-D volume", path=path)
+        count = int(np.prod([int(n) for n in shape], dtype=object))
+        if count > self.max_voxels:
+            raise VolumeTooLargeError(
+                f"{path}: {what} {shape} is {count:,} voxels; the limit is max_voxels={self.max_voxels:,} "
+                "(raise it in the data config for larger scans)",
+                path=path,
+            )
+        short = [(axis, int(n)) for axis, n in enumerate(shape) if n < self.min_extent]
+        if short:
+            axis, n = short[0]
+            hint = {1: ": one slice is an image, not a volume", 3: ": 3 is an RGB image's channels",
+                    4: ": 4 is an RGBA image's channels"}.get(n, "")
+            raise VolumeShapeError(
+                f"{path}: {what} {shape} has {n} voxels along axis {axis}; a volume needs at least "
+                f"min_extent={self.min_extent} along every axis{hint}",
+                path=path,
+            )
+        return count
+
+
+DEFAULT_LIMITS = VolumeLimits()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,136 +114,236 @@ class Volume:
     modality_hint: str
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a `.npy`, `.nii` / `.nii.gz` file or a DICOM series directory, by its name."""
+def read_volume(path: str | os.PathLike, *, limits: VolumeLimits | None = None) -> Volume:
+    """Read a `.npy`, `.nii` / `.nii.gz` file or a DICOM series directory, by its name, as an image.
+
+    Beyond the format readers' checks, the data must be an image: a binary mask or a label map (a few
+    distinct non-negative integers) raises NotAnImageError. `limits`: default `VolumeLimits()`.
+    """
+    limits = limits or DEFAULT_LIMITS
     path = pathlib.Path(path)
     if path.is_dir():
-        return read_dicom_series(path)
-    name = path.name.lower()
-    if name.endswith(".npy"):
-        return read_npy(path)
-    if name.endswith((".nii", ".nii.gz")):
-        return read_nifti(path)
-    _require_exists(path)
-    raise UnsupportedFormatError(
-        f"{path}: cannot tell the format from the name; expected .npy, .nii, .nii.gz or a DICOM directory",
-        path=path,
-    )
+        volume = read_dicom_series(path, limits=limits)
+    else:
+        name = path.name.lower()
+        if name.endswith(".npy"):
+            volume = read_npy(path, limits=limits)
+        elif name.endswith((".nii", ".nii.gz")):
+            volume = read_nifti(path, limits=limits)
+        else:
+            _require_exists(path)
+            raise UnsupportedFormatError(
+                f"{path}: cannot tell the format from the name; expected .npy, .nii, .nii.gz or a DICOM directory",
+                path=path,
+            )
+    _require_image(volume.array, path)
+    return volume
 
 
 # ---------------------------------------------------------------------------------------------------
 # M3D `.npy`.
 
 
-def read_npy(path: str | os.PathLike) -> Volume:
-    """M3D's `.npy`: (1, depth, height, width) or (depth, height, width), already in [0, 1]."""
+def read_npy(path: str | os.PathLike, *, limits: VolumeLimits | None = None) -> Volume:
+    """M3D's `.npy`: (1, depth, height, width) or (depth, height, width), already in [0, 1].
+
+    The header is read and checked against `limits` (and the file's size) first, so a header that
+    promises more than the file holds, or more than the limits, allocates nothing.
+    """
+    limits = limits or DEFAULT_LIMITS
     path = _require_exists(path)
     try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise CorruptFileError(f"{path}: not a readable .npy file ({error})", path=path) from error
-    if not isinstance(array, np.ndarray):
-        raise CorruptFileError(f"{path}: holds an .npz archive, not one array", path=path)
-    if array.dtype.kind not in "biuf":
-        raise CorruptFileError(f"{path}: dtype {array.dtype} is not a numeric volume", path=path)
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3 or min(array.shape) == 0:
-        raise VolumeShapeError(
-            f"{path}: shape {array.shape}; expected (depth, height, width) or (1, depth, height, width)", path=path
-        )
+        with open(path, "rb") as f:
+            shape, fortran_order, dtype = _npy_header(f, path, limits)
+            if dtype.kind == "b":
+                raise NotAnImageError(f"{path}: dtype bool is a mask, not an image", path=path)
+            if dtype.kind not in "iuf" or dtype.fields is not None or dtype.hasobject:
+                raise CorruptFileError(f"{path}: dtype {dtype} is not a numeric volume", path=path)
+            volume_shape = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
+            if len(volume_shape) != 3:
+                raise VolumeShapeError(
+                    f"{path}: shape {shape}; expected (depth, height, width) or (1, depth, height, width)", path=path
+                )
+            count = limits.check_shape(tuple(volume_shape), path)
+            start, available = f.tell(), os.fstat(f.fileno()).st_size - f.tell()
+            if available < count * dtype.itemsize:
+                raise CorruptFileError(
+                    f"{path}: truncated: the header promises {shape} {dtype} ({count * dtype.itemsize:,} bytes "
+                    f"after byte {start}); the file holds {available:,}",
+                    path=path,
+                )
+            flat = np.fromfile(f, dtype=dtype, count=count)
+    except OSError as error:
+        raise CorruptFileError(f"{path}: cannot be read ({error})", path=path) from error
+    array = flat.reshape(volume_shape, order="F" if fortran_order else "C")
     array = np.ascontiguousarray(array, dtype=np.float32)
     _require_finite(array, path)
     return Volume(array=array, spacing=None, source=str(path), modality_hint="unit")
+
+
+def _npy_header(f, path: pathlib.Path, limits: VolumeLimits):
+    """(shape, fortran_order, dtype) of an open `.npy` file, positioned at its data."""
+    from numpy.lib import format as npy_format
+
+    try:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            return npy_format.read_array_header_1_0(f, max_header_size=limits.max_header_bytes)
+        if version == (2, 0):
+            return npy_format.read_array_header_2_0(f, max_header_size=limits.max_header_bytes)
+    except (ValueError, OSError, EOFError, SyntaxError) as error:
+        # numpy says ValueError for a bad magic, a header over max_header_size or an unreadable dict.
+        if zipfile_magic(path):
+            raise CorruptFileError(f"{path}: holds an .npz archive, not one array", path=path) from error
+        raise CorruptFileError(f"{path}: not a readable .npy file ({error})", path=path) from error
+    # Version 3.0 exists only for structured dtypes with non-Latin-1 field names: no volume.
+    raise CorruptFileError(f"{path}: .npy format version {version}; expected 1.0 or 2.0", path=path)
+
+
+def zipfile_magic(path: pathlib.Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 # ---------------------------------------------------------------------------------------------------
 # NIfTI.
 
 
-def read_nifti(path: str | os.PathLike, *, slope: float | None = None, intercept: float | None = None) -> Volume:
+def read_nifti(path: str | os.PathLike, *, slope: float | None = None, intercept: float | None = None,
+               limits: VolumeLimits | None = None) -> Volume:
     """A `.nii` or `.nii.gz` volume, reoriented to the canonical frame, in HU.
 
     `slope` / `intercept` replace the header's scl_slope / scl_inter (CT-RATE lists the rescale in its
-    metadata CSV); either left None keeps the header's value.
+    metadata CSV); either left None keeps the header's value. The header is checked against `limits`
+    before the voxels are read; a `.nii.gz` is decompressed only as far as the voxels the header
+    promises, so a stream that inflates to more costs nothing beyond them.
     """
     import nibabel as nib
 
+    limits = limits or DEFAULT_LIMITS
     path = _require_exists(path)
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        data = _gunzip(data, path)
-    header = _nifti_header(nib, data, path)
+    try:
+        with open(path, "rb") as f:
+            compressed = f.read(2) == GZIP_MAGIC
+            f.seek(0)
+            data = f.read() if compressed else f.read(NIFTI2_HEADER_BYTES)
+    except OSError as error:
+        raise CorruptFileError(f"{path}: cannot be read ({error})", path=path) from error
+    head = _gunzip(data, path, NIFTI2_HEADER_BYTES) if compressed else data
+    header = _nifti_header(nib, head, path)
 
     shape = tuple(int(n) for n in header.get_data_shape())
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) != 3 or min(shape) == 0:
+    if len(shape) != 3:
         raise VolumeShapeError(f"{path}: NIfTI data shape {header.get_data_shape()} is not one 3-D volume", path=path)
+    count = limits.check_shape(shape, path, what="NIfTI data shape")
     dtype = header.get_data_dtype()
     if dtype.kind not in "biuf" or dtype.fields is not None:
         raise CorruptFileError(f"{path}: NIfTI data type {dtype} is not a scalar volume", path=path)
     offset = int(header.get_data_offset())
-    count = int(np.prod(shape))
-    if offset + count * dtype.itemsize > len(data):
-        raise CorruptFileError(
-            f"{path}: truncated: the header promises {count * dtype.itemsize} bytes of voxels after byte {offset}, "
-            f"the file holds {max(len(data) - offset, 0)}",
+    if offset > limits.max_header_bytes:
+        raise VolumeTooLargeError(
+            f"{path}: the voxels start at byte {offset:,} (header extensions); the limit is "
+            f"max_header_bytes={limits.max_header_bytes:,}",
             path=path,
         )
-    raw = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
+    needed = offset + count * dtype.itemsize
+    if compressed:
+        payload = _gunzip(data, path, needed)
+        held = len(payload)
+    else:
+        held = path.stat().st_size
+    if held < needed:
+        raise CorruptFileError(
+            f"{path}: truncated: the header promises {count * dtype.itemsize:,} bytes of voxels after byte {offset}, "
+            f"the file holds {max(held - offset, 0):,}",
+            path=path,
+        )
+    if compressed:
+        flat = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+    else:
+        try:
+            flat = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        except OSError as error:
+            raise CorruptFileError(f"{path}: cannot be read ({error})", path=path) from error
+    raw = flat.reshape(shape, order="F")
 
-    header_slope, header_intercept = header.get_slope_inter()
+    try:
+        header_slope, header_intercept = header.get_slope_inter()
+    except nib.spatialimages.HeaderDataError as error:
+        raise CorruptFileError(
+            f"{path}: rescale scl_slope {header['scl_slope'].item()} / scl_inter {header['scl_inter'].item()} "
+            f"is unusable ({error}); expected finite numbers",
+            path=path,
+        ) from None
     slope = (1.0 if header_slope is None else header_slope) if slope is None else slope
     intercept = (0.0 if header_intercept is None else header_intercept) if intercept is None else intercept
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
-        raise CorruptFileError(f"{path}: rescale slope {slope} / intercept {intercept} is unusable", path=path)
+        raise CorruptFileError(
+            f"{path}: rescale slope {slope} / intercept {intercept} is unusable; expected a finite non-zero slope "
+            "and a finite intercept",
+            path=path,
+        )
+    if int(header["intent_code"]) == NIFTI_INTENT_LABEL:
+        raise NotAnImageError(f"{path}: its header's intent is a label map (NIFTI_INTENT_LABEL), not an image",
+                              path=path)
 
     oriented, spacing = _to_canonical(raw, header.get_best_affine(), path)
     array = _rescaled(oriented, slope, intercept)
-    if raw.dtype.kind == "f":
-        _require_finite(array, path)
+    _require_finite(array, path)
     return Volume(array=array, spacing=spacing, source=str(path), modality_hint="ct")
 
 
-def _gunzip(data: bytes, path: pathlib.Path) -> bytes:
-    # One zlib call into a buffer sized from the gzip trailer is ~30% faster than nibabel's streamed
-    # GzipFile; decoding is what a CT-RATE loader spends its time on.
-    # The trailer of a damaged file is noise: cap the hint so that it cannot reserve gigabytes.
-    size_hint = int.from_bytes(data[-4:], "little")
-    try:
-        out = zlib.decompress(data, wbits=31, bufsize=max(1, min(size_hint, 64 * len(data))))
-    except zlib.error as error:
-        raise CorruptFileError(f"{path}: corrupt or truncated gzip stream ({error})", path=path) from error
-    if len(out) % (1 << 32) != size_hint:
-        # Several gzip members (concatenated files): decode them all.
-        parts, rest = [], data
-        while rest[:2] == b"\x1f\x8b":
-            decoder = zlib.decompressobj(wbits=31)
-            try:
-                parts.append(decoder.decompress(rest))
-            except zlib.error as error:
-                raise CorruptFileError(f"{path}: corrupt gzip member ({error})", path=path) from error
-            if not decoder.eof:
-                raise CorruptFileError(f"{path}: truncated gzip member", path=path)
-            rest = decoder.unused_data
-        out = b"".join(parts)
-    return out
+def _gunzip(data: bytes, path: pathlib.Path, limit: int) -> bytes:
+    """The first `limit` bytes (fewer if the stream holds fewer) that the gzip stream `data` inflates to.
+
+    Decoding stops at `limit`: a stream that would inflate past it (a decompression bomb, or junk after
+    the voxels) costs no more than `limit` bytes. Several gzip members (concatenated files) are
+    decoded in turn. A stream that ends exactly at `limit` is still checked to its CRC.
+    """
+    parts, total, rest = [], 0, data
+    while total < limit and rest[:2] == GZIP_MAGIC:
+        decoder = zlib.decompressobj(wbits=31)
+        try:
+            part = decoder.decompress(rest, limit - total)
+            parts.append(part)
+            total += len(part)
+            # The bytes asked for are there: one more byte says whether the stream goes on (then the
+            # rest is left undecoded) or ends here (then its trailer's CRC is checked).
+            if total >= limit and not decoder.eof and decoder.decompress(decoder.unconsumed_tail, 1):
+                break
+        except zlib.error as error:
+            raise CorruptFileError(f"{path}: corrupt gzip stream ({error})", path=path) from error
+        if not decoder.eof:
+            raise CorruptFileError(f"{path}: truncated gzip stream after {total:,} bytes", path=path)
+        rest = decoder.unused_data
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _nifti_header(nib, data: bytes, path: pathlib.Path):
-    if len(data) < 348:
+    if len(data) < NIFTI1_HEADER_BYTES:
         raise CorruptFileError(f"{path}: {len(data)} bytes is shorter than a NIfTI header", path=path)
     sizeof_hdr = {int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big")}
-    header_class, size = (nib.Nifti2Header, 540) if 540 in sizeof_hdr else (nib.Nifti1Header, 348)
+    if NIFTI2_HEADER_BYTES in sizeof_hdr:
+        header_class, size = nib.Nifti2Header, NIFTI2_HEADER_BYTES
+    else:
+        header_class, size = nib.Nifti1Header, NIFTI1_HEADER_BYTES
+    if len(data) < size:
+        raise CorruptFileError(f"{path}: {len(data)} bytes is shorter than a NIfTI-2 header", path=path)
     try:
         header = header_class.from_fileobj(io.BytesIO(data[:size]), check=True)
+        shape = header.get_data_shape()
+        header.get_data_dtype()
     except Exception as error:  # nibabel raises several types for a bad header
-        raise CorruptFileError(f"{path}: not a valid NIfTI header ({error})", path=path) from error
+        raise CorruptFileError(f"{path}: not a valid NIfTI header ({type(error).__name__}: {error})",
+                               path=path) from error
     if bytes(header["magic"].item())[:3] not in (b"n+1", b"n+2"):
         raise CorruptFileError(
             f"{path}: NIfTI magic {header['magic'].item()!r}; only single-file .nii / .nii.gz is read", path=path
         )
+    if any(int(n) < 0 for n in shape):
+        raise CorruptFileError(f"{path}: NIfTI data shape {shape} has a negative size", path=path)
     return header
 
 
@@ -189,24 +351,34 @@ def _nifti_header(nib, data: bytes, path: pathlib.Path):
 # DICOM.
 
 
-def read_dicom_series(directory: str | os.PathLike) -> Volume:
+def read_dicom_series(directory: str | os.PathLike, *, limits: VolumeLimits | None = None) -> Volume:
     """One DICOM series (a directory of single-slice files), in HU, reoriented to the canonical frame.
 
     Slices are ordered by ImagePositionPatient along the slice normal (file names and InstanceNumber
-    are not trusted); each slice's RescaleSlope / RescaleIntercept is applied. Needs the optional
-    `dicom` extra (pydicom; pylibjpeg for compressed series).
+    are not trusted); each slice's RescaleSlope / RescaleIntercept is applied. The series' size, from
+    the headers, is checked against `limits` (and an uncompressed slice's Rows x Columns against its
+    stored bytes) before any pixel is decoded. Needs the optional `dicom` extra (pydicom; pylibjpeg for
+    compressed series).
     """
     try:
         import pydicom
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("reading DICOM needs pydicom: pip install 'med2e3-jax[dicom]'") from error
 
+    limits = limits or DEFAULT_LIMITS
     directory = _require_exists(directory)
-    files = sorted(
-        p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
-    )
+    try:
+        files = sorted(
+            p for p in directory.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+        )
+    except OSError as error:
+        raise CorruptFileError(f"{directory}: cannot list the directory ({error})", path=directory) from error
     if not files:
         raise MissingFileError(f"{directory}: no DICOM files in the directory", path=directory)
+    if len(files) > limits.max_voxels:
+        raise VolumeTooLargeError(f"{directory}: {len(files):,} files; the limit is max_voxels={limits.max_voxels:,}",
+                                  path=directory)
 
     slices = []
     for file in files:
@@ -223,6 +395,13 @@ def read_dicom_series(directory: str | os.PathLike) -> Volume:
         )
     if len(slices) < 2:
         raise VolumeShapeError(f"{directory}: a single slice is no volume", path=directory)
+
+    rows, cols = _pixel_grid(*slices[0])
+    for file, ds in slices:
+        if _pixel_grid(file, ds) != (rows, cols):
+            raise VolumeShapeError(f"{file}: slice shape {_pixel_grid(file, ds)}; the series has {(rows, cols)}",
+                                   path=file)
+    limits.check_shape((len(slices), rows, cols), directory, what="series of (slices, rows, columns)")
 
     geometry = [_slice_geometry(file, ds) for file, ds in slices]
     row_dir, col_dir, pixel_spacing = geometry[0][1], geometry[0][2], geometry[0][3]
@@ -246,20 +425,28 @@ def read_dicom_series(directory: str | os.PathLike) -> Volume:
         )
 
     first = slices[order[0]][1]
-    rows, cols = int(first.Rows), int(first.Columns)
     hu = np.empty((len(slices), rows, cols), dtype=np.float32)
     for k, index in enumerate(order):
         file, ds = slices[index]
         try:
+            slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+            intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        except (TypeError, ValueError) as error:
+            raise CorruptFileError(f"{file}: RescaleSlope / RescaleIntercept is not a number ({error})",
+                                   path=file) from error
+        if not (np.isfinite(slope) and np.isfinite(intercept)):
+            raise CorruptFileError(f"{file}: rescale slope {slope} / intercept {intercept}; expected finite numbers",
+                                   path=file)
+        try:
             pixels = ds.pixel_array
-        except Exception as error:
+        except Exception as error:  # pydicom's decoders raise many types
             raise CorruptFileError(
-                f"{file}: cannot decode the pixel data ({error}); compressed series need pylibjpeg", path=file
+                f"{file}: cannot decode the pixel data ({type(error).__name__}: {error}); compressed series need "
+                "pylibjpeg",
+                path=file,
             ) from error
         if pixels.shape != (rows, cols):
             raise VolumeShapeError(f"{file}: slice shape {pixels.shape}; the series has {(rows, cols)}", path=file)
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
         np.multiply(pixels, np.float32(slope), out=hu[k], casting="unsafe")
         hu[k] += np.float32(intercept)
 
@@ -282,6 +469,43 @@ def read_dicom_series(directory: str | os.PathLike) -> Volume:
         # Anything but CT has no fixed intensity scale: 'mr' means plain min-max downstream.
         modality_hint="ct" if modality == "ct" else "mr",
     )
+
+
+def _pixel_grid(file: pathlib.Path, ds) -> tuple[int, int]:
+    """(Rows, Columns) of one single-frame greyscale slice, from its header; the pixels still on disk."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        element = ds.get_item("PixelData") if "PixelData" in ds else None
+    except (AttributeError, TypeError, ValueError, KeyError) as error:
+        raise CorruptFileError(
+            f"{file}: needs Rows, Columns and numeric image attributes to place the pixels ({error})", path=file
+        ) from error
+    if element is None:
+        raise CorruptFileError(f"{file}: has no PixelData; expected an image slice", path=file)
+    if rows < 1 or cols < 1:
+        raise VolumeShapeError(f"{file}: Rows {rows} x Columns {cols} is no image", path=file)
+    if frames != 1:
+        raise VolumeShapeError(f"{file}: {frames} frames in one file; expected one slice per file", path=file)
+    if samples != 1:
+        raise VolumeShapeError(f"{file}: {samples} samples per pixel is a colour image; expected greyscale (1)",
+                               path=file)
+    if bits == 1:
+        raise NotAnImageError(f"{file}: 1-bit pixels are a mask or overlay, not an image", path=file)
+    # The stored bytes, which cost what the file does; what the header promises is checked against them.
+    length = len(element.value) if isinstance(element.value, (bytes, bytearray)) else None
+    if syntax is not None and not syntax.is_compressed and length is not None:
+        if length < rows * cols * (bits // 8):
+            raise CorruptFileError(
+                f"{file}: truncated: PixelData holds {length:,} bytes; Rows {rows} x Columns {cols} at {bits} bits "
+                f"need {rows * cols * (bits // 8):,}",
+                path=file,
+            )
+    return rows, cols
 
 
 def _slice_geometry(file: pathlib.Path, ds):
@@ -338,6 +562,30 @@ def _require_exists(path: str | os.PathLike) -> pathlib.Path:
     if not path.exists():
         raise MissingFileError(f"{path}: no such file or directory", path=path)
     return path
+
+
+def _require_image(array: np.ndarray, path) -> None:
+    """Raise NotAnImageError if `array` (float32, every voxel finite) is a binary mask or a label map.
+
+    Judged on a seeded sample of voxels: an image (CT, MR, a normalised M3D volume) takes many values
+    over it, a mask two, a label map a few small non-negative integers. A constant volume passes here
+    and fails preprocessing for its lack of foreground.
+    """
+    flat = array.reshape(-1)
+    if flat.size > MASK_SAMPLE:
+        # Random positions, not a stride: a stride can run down one edge column of every slice.
+        flat = flat[np.random.default_rng(0).integers(0, flat.size, MASK_SAMPLE)]
+    values = np.unique(flat)
+    if values.size == 2:
+        raise NotAnImageError(
+            f"{path}: holds only the values {values[0]:g} and {values[1]:g}: a binary mask, not an image", path=path
+        )
+    if 2 < values.size <= MAX_LABELS and values[0] >= 0 and np.all(values == np.round(values)):
+        raise NotAnImageError(
+            f"{path}: holds only {values.size} distinct non-negative integers ({values[0]:g}..{values[-1]:g}): "
+            "a label map, not an image",
+            path=path,
+        )
 
 
 def _require_finite(array: np.ndarray, path) -> None:

@@ -22,7 +22,7 @@ CANONICAL_AXIS = {"S": 0, "I": 0, "A": 1, "P": 1, "R": 2, "L": 2}
 CANONICAL_CODE = ("I", "P", "L")
 
 
-def canonical_hu(shape=(5, 6, 7)):
+def canonical_hu(shape=(8, 9, 10)):
     """Distinct, asymmetric HU values so that any wrong flip or permutation shows."""
     return (np.arange(np.prod(shape), dtype=np.float32).reshape(shape) * 3 - 1000).astype(np.float32)
 
@@ -122,7 +122,7 @@ def test_nifti_reader_matches_nibabel_on_a_big_endian_float_file(tmp_path):
 
 @pytest.mark.parametrize("leading_channel", [True, False])
 def test_npy_volume_reads_with_or_without_the_channel_axis(tmp_path, leading_channel):
-    unit = np.random.default_rng(0).random((4, 6, 8), dtype=np.float32)
+    unit = np.random.default_rng(0).random((8, 10, 12), dtype=np.float32)
     np.save(tmp_path / "m3d.npy", unit[None] if leading_channel else unit)
     volume = read_volume(tmp_path / "m3d.npy")
     np.testing.assert_array_equal(volume.array, unit)
@@ -176,8 +176,8 @@ def write_dicom_series(directory, hu, *, row_dir=(1, 0, 0), col_dir=(0, 1, 0), s
 def test_dicom_series_is_ordered_by_position_and_rescaled(tmp_path):
     pytest.importorskip("pydicom")
     # Stored inferior → superior (z grows with k); the canonical frame runs superior → inferior.
-    stored = even_hu((5, 6, 7))
-    names = [f"{name}.dcm" for name in ("q", "b", "x", "a", "m")]  # file order unrelated to position
+    stored = even_hu((8, 9, 10))
+    names = [f"{name}.dcm" for name in ("q", "b", "x", "a", "m", "c", "z", "d")]  # file order unrelated to position
     write_dicom_series(tmp_path / "series", stored, names=names)
     volume = read_volume(tmp_path / "series")
     np.testing.assert_array_equal(volume.array, stored[::-1])
@@ -187,16 +187,16 @@ def test_dicom_series_is_ordered_by_position_and_rescaled(tmp_path):
 
 def test_dicom_rows_pointing_right_are_mirrored_to_the_canonical_frame(tmp_path):
     pytest.importorskip("pydicom")
-    stored = even_hu((3, 4, 5))
+    stored = even_hu((8, 9, 11))
     write_dicom_series(tmp_path / "series", stored, row_dir=(-1, 0, 0))
     np.testing.assert_array_equal(read_dicom_series(tmp_path / "series").array, stored[::-1, :, ::-1])
 
 
 def test_dicom_directory_with_two_series_or_a_duplicate_slice_is_rejected(tmp_path):
     pytest.importorskip("pydicom")
-    stored = even_hu((3, 4, 5))
+    stored = even_hu((8, 9, 11))
     write_dicom_series(tmp_path / "mixed", stored)
-    write_dicom_series(tmp_path / "mixed", stored, names=[f"other_{k}.dcm" for k in range(3)])
+    write_dicom_series(tmp_path / "mixed", stored, names=[f"other_{k}.dcm" for k in range(8)])
     with pytest.raises(errors.VolumeShapeError, match="2 series"):
         read_volume(tmp_path / "mixed")
     paths = write_dicom_series(tmp_path / "duplicate", stored)
@@ -207,7 +207,7 @@ def test_dicom_directory_with_two_series_or_a_duplicate_slice_is_rejected(tmp_pa
 
 def test_unreadable_dicom_file_is_named(tmp_path):
     pytest.importorskip("pydicom")
-    write_dicom_series(tmp_path / "series", even_hu((3, 4, 5)))
+    write_dicom_series(tmp_path / "series", even_hu((8, 9, 11)))
     (tmp_path / "series" / "junk.dcm").write_bytes(b"not a dicom file at all")
     with pytest.raises(errors.CorruptFileError, match="junk.dcm") as caught:
         read_volume(tmp_path / "series")
@@ -219,7 +219,7 @@ def test_unreadable_dicom_file_is_named(tmp_path):
 
 
 def good_nifti(tmp_path, name="scan.nii.gz"):
-    data, affine = on_disk(canonical_hu((6, 8, 10)), ("L", "P", "S"))
+    data, affine = on_disk(canonical_hu((8, 10, 12)), ("L", "P", "S"))
     return save_nifti(tmp_path / name, data, affine)
 
 
@@ -256,7 +256,7 @@ def test_garbage_nifti_is_corrupt(tmp_path, content):
 
 def test_truncated_or_garbage_npy_is_corrupt(tmp_path):
     path = tmp_path / "cut.npy"
-    np.save(path, np.zeros((1, 4, 6, 8), np.float32))
+    np.save(path, np.zeros((1, 8, 10, 12), np.float32))
     path.write_bytes(path.read_bytes()[:-50])
     with pytest.raises(errors.CorruptFileError) as caught:
         read_volume(path)
@@ -287,10 +287,10 @@ def test_nifti_of_wrong_dimensionality_is_a_shape_error(tmp_path, shape):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_voxels_are_rejected(tmp_path, bad):
-    volume = np.zeros((4, 6, 8), np.float32)
+    volume = np.zeros((8, 9, 10), np.float32)
     volume[2, 3, 4] = bad
     np.save(tmp_path / "bad.npy", volume)
-    with pytest.raises(errors.NonFiniteVolumeError, match="1 of 192") as caught:
+    with pytest.raises(errors.NonFiniteVolumeError, match="1 of 720") as caught:
         read_volume(tmp_path / "bad.npy")
     assert_names(caught, tmp_path / "bad.npy")
     path = save_nifti(tmp_path / "bad.nii.gz", volume, np.eye(4))
@@ -300,7 +300,7 @@ def test_non_finite_voxels_are_rejected(tmp_path, bad):
 
 
 def test_constant_volume_fails_preprocessing_with_empty_foreground_naming_the_file(tmp_path):
-    path = save_nifti(tmp_path / "flat.nii.gz", np.full((6, 8, 10), -1000, np.int16), np.eye(4))
+    path = save_nifti(tmp_path / "flat.nii.gz", np.full((8, 10, 12), -1000, np.int16), np.eye(4))
     with pytest.raises(errors.EmptyForegroundError) as caught:
         preprocess_volume(read_volume(path), shape=(4, 4, 4), modality="ct")
     assert_names(caught, path)

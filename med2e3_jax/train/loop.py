@@ -391,6 +391,8 @@ def _train(config, workdir, make_iterator) -> TrainResult:
                 last_logged = _log(window, writer, step, positions_per_step)
             if step > 0:
                 save(step)
+        if not preempted and hasattr(iterator, "check_skip_budget"):
+            iterator.check_skip_budget()  # a run that stops before its data does is judged here too
         if step == train_cfg.steps and not preempted and train_cfg.export_model:
             # The whole model (frozen weights too) with its config: what generate/evaluate read. A LoRA
             # stage's adapters are merged into the float base (loaded again where it was quantized).
