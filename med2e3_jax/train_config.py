@@ -32,7 +32,7 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             stage=stage,
-            trainable=list(TRAINABLE[stage]),
+            trainable=tuple(TRAINABLE[stage]),  # a tuple: --config.train.trainable="('llm', 'tgis')" overrides it
             steps=1000,
             learning_rate={"pretrain": 1e-4, "finetune": 5e-5, "finetune_lora": 2e-4}[stage],
             warmup_ratio=0.03,

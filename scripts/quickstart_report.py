@@ -62,14 +62,9 @@ def training_lines(run: pathlib.Path) -> list[str]:
     return lines
 
 
-def _by_type(hits: dict[str, list[bool]]) -> dict:
-    every = [h for rows in hits.values() for h in rows]
-    return {"per_type": {k: sum(v) / len(v) for k, v in hits.items()}, "count": {k: len(v) for k, v in hits.items()},
-            "overall": sum(every) / len(every), "total": len(every)}
-
-
 def prior_baseline(train_records: list[dict], test_records: list[dict]) -> dict:
     """Accuracy of answering, per question type, the answer most often right in training (`answer`)."""
+    from med2e3_jax.evaluation.metrics import share_by_type
     from med2e3_jax.evaluation.tasks import type_name
 
     counts = defaultdict(Counter)
@@ -80,27 +75,16 @@ def prior_baseline(train_records: list[dict], test_records: list[dict]) -> dict:
         kind = record.get("question_type")
         guess = counts[kind].most_common(1)[0][0] if counts[kind] else None
         hits[type_name(kind)].append(guess == record["answer"])
-    return _by_type(hits)
+    return share_by_type(hits)
 
 
 def closed_accuracy(summary: dict) -> dict:
-    """The evaluation's closed-VQA accuracy (the authors' letter rule) in `_by_type`'s shape."""
+    """The evaluation's closed-VQA accuracy (the authors' letter rule) in `share_by_type`'s shape."""
     from med2e3_jax.evaluation.tasks import type_name
 
     per_type = {type_name(k): v for k, v in summary.get("per_type", {}).items()}
     return {"per_type": {k: v["accuracy"] for k, v in per_type.items()}, "count": {k: v["count"] for k, v in per_type.items()},
             "overall": summary["overall"]["accuracy"], "total": summary["overall"]["count"]}
-
-
-def open_exact_accuracy(rows: list[dict]) -> dict:
-    """Open VQA: the share of answers that are the reference exactly (case and spacing aside)."""
-    from med2e3_jax.evaluation.tasks import type_name
-
-    hits = defaultdict(list)
-    for row in rows:
-        hits[type_name(row.get("question_type"))].append(
-            " ".join(row["prediction"].lower().split()) == " ".join(row["reference"].lower().split()))
-    return _by_type(hits)
 
 
 def comparison_lines(model: dict, baseline: dict, chance: str) -> list[str]:
@@ -158,6 +142,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from med2e3_jax.checkpoint.orbax_params import load_config
     from med2e3_jax.evaluation.grounding import grounding_summary, grounding_table
+    from med2e3_jax.evaluation.metrics import exact_match_by_type
 
     run = pathlib.Path(FLAGS.run)
     annotations = run / "data" / "annotations" / "npy"
@@ -183,7 +168,7 @@ def main(argv):
             figures += draw_figures(run, rows, records, FLAGS.figures, "phantom", shape)
         else:
             out += ["### Open VQA: exact answers against answering from the question alone", "",
-                    *comparison_lines(open_exact_accuracy(rows), baseline, "–"), ""]
+                    *comparison_lines(exact_match_by_type(rows), baseline, "–"), ""]
         grounding[task] = grounding_summary(rows, records)
 
     real = run / "eval" / "real_ct" / "m3d_vqa_closed"

@@ -156,3 +156,27 @@ def grounding_table(summary: Mapping) -> str:
     if summary["overall"] is not None:
         lines.append(row("**overall**", summary["overall"]))
     return "\n".join(lines) + "\n"
+
+
+def format_shift(closed: Sequence[Mapping], opened: Sequence[Mapping]) -> dict:
+    """The paper's format claim, on predictions whose ids are `<scan>_<kind>_<closed|open>` (the phantom
+    generator's): is the same question about the same scan scored alike whether asked closed or open?
+
+    Returns dict(same: mean `score_shift` between the closed and the open form of one question kind about
+    one scan, different: mean shift between two different kinds about one scan (either form), pairs: how
+    many closed/open pairs `same` averages). None where nothing pairs.
+    """
+    scores = {}
+    for row in (*closed, *opened):
+        stem, _, form = str(row["id"]).rpartition("_")
+        scan, _, kind = stem.rpartition("_")
+        if form not in ("closed", "open") or not scan:
+            raise ValueError(f"prediction id {row['id']!r}: expected <scan>_<kind>_<closed|open>")
+        scores[(scan, kind, form)] = row["slice_scores"]
+    same = [score_shift(value, scores[(scan, kind, "open")]) for (scan, kind, form), value in scores.items()
+            if form == "closed" and (scan, kind, "open") in scores]
+    keys = sorted(scores)
+    different = [score_shift(scores[a], scores[b]) for i, a in enumerate(keys) for b in keys[i + 1:]
+                 if a[0] == b[0] and a[1] != b[1]]
+    return dict(same=float(np.mean(same)) if same else None,
+                different=float(np.mean(different)) if different else None, pairs=len(same))

@@ -344,3 +344,23 @@ def aggregate(rows: Sequence[Mapping], metrics: Sequence[str], *, type_key: str 
             name: _mean([s[name] for s in per_type.values() if s[name] is not None]) for name in metrics
         }
     return result
+
+
+def share_by_type(hits: Mapping[str, Sequence[bool]]) -> dict:
+    """question type -> hits (True / False per sample) => dict(per_type (share of hits), count, overall, total)."""
+    every = [hit for rows in hits.values() for hit in rows]
+    return {"per_type": {kind: sum(rows) / len(rows) for kind, rows in hits.items()},
+            "count": {kind: len(rows) for kind, rows in hits.items()},
+            "overall": sum(every) / len(every) if every else None, "total": len(every)}
+
+
+def exact_match_by_type(rows: Sequence[Mapping]) -> dict:
+    """Open VQA's exact match, as `share_by_type`: the share of predictions that are their reference
+    (case and spacing aside), per question type (`tasks.type_name` of each row's `question_type`)."""
+    from med2e3_jax.evaluation.tasks import type_name
+
+    normal = lambda text: " ".join(text.lower().split())  # noqa: E731
+    hits = collections.defaultdict(list)
+    for row in rows:
+        hits[type_name(row.get("question_type"))].append(normal(row["prediction"]) == normal(row["reference"]))
+    return share_by_type(hits)
