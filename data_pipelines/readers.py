@@ -269,12 +269,17 @@ def read_nifti(path: str | os.PathLike, *, slope: float | None = None, intercept
             raise CorruptFileError(f"{path}: cannot be read ({error})", path=path) from error
     raw = flat.reshape(shape, order="F")
 
+    stored_rescale = (float(header["scl_slope"]), float(header["scl_inter"]))
     try:
+        # nibabel reads NaN or 0 slope as "no scaling" and refuses a valid slope with a NaN intercept;
+        # an infinite field it would ignore as silently, so it is refused here.
+        if any(np.isinf(v) for v in stored_rescale):
+            raise nib.spatialimages.HeaderDataError("infinite")
         header_slope, header_intercept = header.get_slope_inter()
     except nib.spatialimages.HeaderDataError as error:
         raise CorruptFileError(
-            f"{path}: rescale scl_slope {header['scl_slope'].item()} / scl_inter {header['scl_inter'].item()} "
-            f"is unusable ({error}); expected finite numbers",
+            f"{path}: rescale scl_slope {stored_rescale[0]} / scl_inter {stored_rescale[1]} is unusable "
+            f"({error}); expected finite numbers (or NaN in both for no scaling)",
             path=path,
         ) from None
     slope = (1.0 if header_slope is None else header_slope) if slope is None else slope
@@ -402,6 +407,8 @@ def read_dicom_series(directory: str | os.PathLike, *, limits: VolumeLimits | No
             raise VolumeShapeError(f"{file}: slice shape {_pixel_grid(file, ds)}; the series has {(rows, cols)}",
                                    path=file)
     limits.check_shape((len(slices), rows, cols), directory, what="series of (slices, rows, columns)")
+    for file, ds in slices:
+        _require_pixel_bytes(file, ds, rows, cols)
 
     geometry = [_slice_geometry(file, ds) for file, ds in slices]
     row_dir, col_dir, pixel_spacing = geometry[0][1], geometry[0][2], geometry[0][3]
@@ -472,20 +479,18 @@ def read_dicom_series(directory: str | os.PathLike, *, limits: VolumeLimits | No
 
 
 def _pixel_grid(file: pathlib.Path, ds) -> tuple[int, int]:
-    """(Rows, Columns) of one single-frame greyscale slice, from its header; the pixels still on disk."""
+    """(Rows, Columns) of one single-frame greyscale slice, from its header, before any pixel is decoded."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         bits = int(ds.get("BitsAllocated", 16) or 16)
-        meta = getattr(ds, "file_meta", None)
-        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-        element = ds.get_item("PixelData") if "PixelData" in ds else None
+        has_pixels = "PixelData" in ds
     except (AttributeError, TypeError, ValueError, KeyError) as error:
         raise CorruptFileError(
             f"{file}: needs Rows, Columns and numeric image attributes to place the pixels ({error})", path=file
         ) from error
-    if element is None:
+    if not has_pixels:
         raise CorruptFileError(f"{file}: has no PixelData; expected an image slice", path=file)
     if rows < 1 or cols < 1:
         raise VolumeShapeError(f"{file}: Rows {rows} x Columns {cols} is no image", path=file)
@@ -496,16 +501,24 @@ def _pixel_grid(file: pathlib.Path, ds) -> tuple[int, int]:
                                path=file)
     if bits == 1:
         raise NotAnImageError(f"{file}: 1-bit pixels are a mask or overlay, not an image", path=file)
-    # The stored bytes, which cost what the file does; what the header promises is checked against them.
-    length = len(element.value) if isinstance(element.value, (bytes, bytearray)) else None
-    if syntax is not None and not syntax.is_compressed and length is not None:
-        if length < rows * cols * (bits // 8):
-            raise CorruptFileError(
-                f"{file}: truncated: PixelData holds {length:,} bytes; Rows {rows} x Columns {cols} at {bits} bits "
-                f"need {rows * cols * (bits // 8):,}",
-                path=file,
-            )
     return rows, cols
+
+
+def _require_pixel_bytes(file: pathlib.Path, ds, rows: int, cols: int) -> None:
+    """CorruptFileError if an uncompressed slice stores fewer bytes than Rows x Columns need: the stored
+    bytes cost what the file does, the decoded slice what its header says."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    value = ds.get_item("PixelData").value
+    if syntax is None or syntax.is_compressed or not isinstance(value, (bytes, bytearray)):
+        return
+    need = rows * cols * (int(ds.get("BitsAllocated", 16) or 16) // 8)
+    if len(value) < need:
+        raise CorruptFileError(
+            f"{file}: truncated: PixelData holds {len(value):,} bytes; Rows {rows} x Columns {cols} at "
+            f"{ds.get('BitsAllocated', 16)} bits need {need:,}",
+            path=file,
+        )
 
 
 def _slice_geometry(file: pathlib.Path, ds):

@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from data_pipelines.data_root import confine
 from data_pipelines.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -50,13 +51,16 @@ QUANTISATION_ERROR = {"uint8": 1 / 510, "float16": 2.0**-12, "float32": 0.0}  # 
 Loader = Callable[[str], np.ndarray]
 
 
-def preprocessing_loader(*, shape: Sequence[int], modality: str, window: Sequence[float] = (-1000.0, 1000.0)) -> Loader:
-    """Read any supported volume file and preprocess it for evaluation, as the pipeline does."""
+def preprocessing_loader(*, shape: Sequence[int], modality: str, window: Sequence[float] = (-1000.0, 1000.0),
+                         limits=None) -> Loader:
+    """Read any supported volume file (within `limits`, a `readers.VolumeLimits`) and preprocess it for
+    evaluation, as the pipeline does."""
     from data_pipelines.preprocess import preprocess_volume
     from data_pipelines.readers import read_volume
 
     def load(path: str) -> np.ndarray:
-        return preprocess_volume(read_volume(path), shape=tuple(shape), modality=modality, window=tuple(window))
+        return preprocess_volume(read_volume(path, limits=limits), shape=tuple(shape), modality=modality,
+                                 window=tuple(window))
 
     return load
 
@@ -69,10 +73,12 @@ def preprocessing_loader(*, shape: Sequence[int], modality: str, window: Sequenc
 class _Split:
     volumes: tuple[str, ...]  # distinct volume paths in order of first use
     records: tuple[tuple[dict, int, int], ...]  # (record, volume_index, position in the input)
+    first_records: tuple[str, ...]  # per volume, the id of the first record that asks for it
 
 
 def _plan(records: Sequence[Mapping], image_root) -> _Split:
     volumes: dict[str, int] = {}
+    first_records: list[str] = []
     planned = []
     for position, record in enumerate(records):
         paths = record.get("vision3d") if isinstance(record, Mapping) else None
@@ -84,8 +90,10 @@ def _plan(records: Sequence[Mapping], image_root) -> _Split:
                             path=str(record_id))
         # os.path.join, as the authors: an absolute path in the record wins over the root.
         path = os.path.join(os.fspath(image_root), paths[0]) if image_root else paths[0]
+        if path not in volumes:
+            first_records.append(str(record.get("id", f"#{position}")))
         planned.append((dict(record), volumes.setdefault(path, len(volumes)), position))
-    return _Split(tuple(volumes), tuple(planned))
+    return _Split(tuple(volumes), tuple(planned), tuple(first_records))
 
 
 def _tfds():
@@ -112,9 +120,10 @@ def _make_builders():
         name = VOLUMES_NAME
         VERSION = tfds.core.Version(VERSION)
 
-        def __init__(self, *, plan, shape, dtype, load, threads, strict, metadata, **kwargs):
+        def __init__(self, *, plan, shape, dtype, load, threads, strict, metadata, root, allow_outside, **kwargs):
             self._plan, self._shape, self._dtype, self._load = plan, tuple(shape), dtype, load
             self._threads, self._strict, self._metadata = threads, strict, metadata
+            self._root, self._allow_outside = root, allow_outside
             self.skipped: dict[str, list[str]] = {}
             super().__init__(**kwargs)
 
@@ -140,10 +149,12 @@ def _make_builders():
 
         def _generate_examples(self, split):
             paths = self._plan[split].volumes
+            asked = list(zip(paths, self._plan[split].first_records))
             self.skipped[split] = []
             workers = max(1, self._threads)
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                for index, (path, result) in enumerate(zip(paths, _bounded_map(pool, workers, self._load_or_error, paths))):
+                results = _bounded_map(pool, workers, self._load_or_error, asked)
+                for index, (path, result) in enumerate(zip(paths, results)):
                     if isinstance(result, DataError):
                         if self._strict:
                             raise result
@@ -152,8 +163,10 @@ def _make_builders():
                         result = np.zeros((1, *self._shape), DTYPES[self._dtype])  # keeps positions; its records go
                     yield index, {"volume": result, "vision3d": path, "index": index}
 
-        def _load_or_error(self, path):
+        def _load_or_error(self, asked):
+            path, record_id = asked
             try:
+                confine(path, self._root, allow_outside=self._allow_outside, record_id=record_id)
                 volume = np.asarray(self._load(path))
                 if volume.shape != (1, *self._shape):
                     raise DataError(f"{path}: preprocessed to {volume.shape}, expected {(1, *self._shape)}", path=path)
@@ -258,6 +271,8 @@ def build_preprocessed(
     window: Sequence[float] = (-1000.0, 1000.0),
     dtype: str = "uint8",
     image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False,
+    limits=None,
     load: Loader | None = None,
     threads: int = 1,
     strict: bool = True,
@@ -267,9 +282,11 @@ def build_preprocessed(
 
     `load(path) -> (1, *shape)` float32 array in [0, 1]; by default `preprocessing_loader(shape=shape,
     modality=modality, window=window)`: the pipeline's own preprocessing, so pass the data config's
-    `volume_shape`, `modality` and `hu_window` to get the examples it would make from the files. A volume
-    that raises DataError stops the build when `strict`; otherwise it is logged and left out with its
-    records. Returns `out`.
+    `volume_shape`, `modality` and `hu_window` to get the examples it would make from the files, and
+    `limits` (a `readers.VolumeLimits`) for what one file may ask for. Relative `vision3d` paths are joined
+    to `image_root`, and with a root every volume must resolve inside it (`data_root.confine`) unless
+    `allow_outside_root`. A volume that raises DataError stops the build when `strict`; otherwise it is
+    logged and left out with its records. Returns `out`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -286,7 +303,7 @@ def build_preprocessed(
             if not overwrite:
                 raise FileExistsError(f"{existing} exists; pass overwrite=True to replace it")
             shutil.rmtree(existing)
-    load = load or preprocessing_loader(shape=shape, modality=modality, window=window)
+    load = load or preprocessing_loader(shape=shape, modality=modality, window=window, limits=limits)
     metadata = dict(shape=list(shape), modality=modality, window=[float(w) for w in window], dtype=dtype,
                     quantisation_error=QUANTISATION_ERROR[dtype])
 
@@ -296,7 +313,8 @@ def build_preprocessed(
     config = tfds.download.DownloadConfig(try_download_gcs=False)
     downloads = out / "downloads"
     volumes = volumes_cls(plan=plan, shape=shape, dtype=dtype, load=load, threads=threads, strict=strict,
-                          metadata=metadata, data_dir=str(out), file_format="array_record")
+                          metadata=metadata, root=image_root, allow_outside=allow_outside_root, data_dir=str(out),
+                          file_format="array_record")
     volumes.download_and_prepare(download_dir=str(downloads), download_config=config)
     records_builder = records_cls(plan=plan, skipped=volumes.skipped, metadata=metadata, data_dir=str(out),
                                   file_format="array_record")

@@ -22,7 +22,9 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("out", None, "folder for the two TFDS datasets", flag_values=flag_values)
     flags.DEFINE_multi_string("split", None, "NAME=ANNOTATIONS.json: a split and its annotation file (repeat for "
                               "each split)", flag_values=flag_values)
-    flags.DEFINE_string("image_root", None, "prefix for relative vision3d paths", flag_values=flag_values)
+    flags.DEFINE_string("image_root", None, "prefix for relative vision3d paths; every volume must resolve inside it",
+                        flag_values=flag_values)
+    flags.DEFINE_bool("allow_outside_root", False, "also read volumes outside --image_root", flag_values=flag_values)
     flags.DEFINE_list("shape", ["32", "256", "256"], "the model's volume D,H,W", flag_values=flag_values)
     flags.DEFINE_enum("modality", "auto", list(MODALITIES),
                       "as the data config's modality; auto: CT for NIfTI/DICOM, unit for .npy", flag_values=flag_values)
@@ -42,16 +44,19 @@ def main(argv):
     from data_pipelines.annotations import load_records
     from data_pipelines.tfds_builder import build_preprocessed, open_preprocessed
 
+    # Absolute, so that joining it again (build_preprocessed confines to it) leaves the paths as they are.
+    root = os.path.abspath(FLAGS.image_root) if FLAGS.image_root else None
     splits = {}
     for item in FLAGS.split:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise app.UsageError(f"--split takes NAME=ANNOTATIONS.json, got {item!r}")
-        splits[name] = load_records(path, FLAGS.image_root)
+        splits[name] = load_records(path, root)
     logging.getLogger().setLevel(logging.INFO)
     build_preprocessed(splits, FLAGS.out, shape=shape_flag("shape", FLAGS.shape), modality=FLAGS.modality,
                        window=window_flag("hu_window", FLAGS.hu_window), dtype=FLAGS.dtype, threads=FLAGS.threads,
-                       strict=not FLAGS.skip_bad, overwrite=FLAGS.overwrite)
+                       strict=not FLAGS.skip_bad, overwrite=FLAGS.overwrite, image_root=root,
+                       allow_outside_root=FLAGS.allow_outside_root)
     for name in splits:
         print(f"{name}: {len(open_preprocessed(FLAGS.out, name))} records in {FLAGS.out}")
 

@@ -30,7 +30,10 @@ def eval_config() -> ConfigDict:
             task="m3d_vqa_closed",
             annotation_file="",  # the authors' annotation JSON
             answers_file="",  # their separate answers JSON ({"id", "answer", ...}), when the records lack answers
-            image_root="",  # prefix for relative `vision3d` paths
+            image_root="",  # prefix for relative `vision3d` paths; every record's volume must resolve inside it
+            allow_outside_root=False,  # also read volumes outside image_root
+            max_voxels=1024 * 1024 * 2048,  # what one volume file may ask for (data_pipelines.readers.VolumeLimits)
+            min_extent=8,
             checkpoint="",  # a save_params folder
             output_dir="runs/eval",
             limit=0,  # evaluate the first N records only (0: all)
@@ -65,7 +68,7 @@ class Predictor:
     """`predict_fn` for the runner: records -> greedy answers and TG-IS slice scores, with the JAX model."""
 
     def __init__(self, model, config: ConfigDict, tokenizer, question_tokenizer):
-        from data_pipelines.model_inputs import InputSpec, stop_ids
+        from data_pipelines.model_inputs import InputSpec, stop_ids, volume_limits
         from med2e3_jax import config as model_config
         from med2e3_jax.generate import GenerationConfig
 
@@ -76,7 +79,8 @@ class Predictor:
             volume_shape=tuple(int(s) for s in cfg.vision3d.img_size),
             num_vision_tokens=model_config.num_vision_tokens(cfg), max_length=int(cfg.llm_max_length),
             question_max_length=int(config.question_max_length), template=config.template,
-            modality=config.modality, hu_window=tuple(config.hu_window))
+            modality=config.modality, hu_window=tuple(config.hu_window), data_root=config.image_root or None,
+            allow_outside_root=bool(config.allow_outside_root), limits=volume_limits(config))
         self.generation = GenerationConfig(
             max_new_tokens=config.max_new_tokens, num_beams=config.num_beams, pad_id=tokenizer.pad_token_id,
             eos_ids=stop_ids(tokenizer, config.template, cfg.llm.get("eos_token_id")))
