@@ -22,7 +22,10 @@ process, where `BatchIterator` drops them. Counting there, rather than filtering
 (as a `grain` filter would), keeps one counter and one log for the host (workers have their own
 memory and log handlers), keeps the batches independent of the worker count (a filter before
 `mp_prefetch` shifts which examples share a batch), and puts the count in the iterator state, so a
-resumed run keeps its skip budget. In strict mode the marker's error is raised instead.
+resumed run keeps its skip budget. In strict mode the marker's error is raised instead. The budget
+(`max_skip_fraction`) is judged on every batch once `MIN_SEEN_BEFORE_ABORT` examples were read, at
+the end of the data, and (`BatchIterator.check_skip_budget`) at the end of a training run that stops
+before the data does.
 
 The iterator state is `{"next_index": visits consumed, "skipped": …}` plus the parameters that define
 the visit stream (record count, seed, shuffle, epochs, process index and count), which `set_state`

@@ -176,7 +176,8 @@ def read_npy(path: str | os.PathLike, *, limits: VolumeLimits | None = None) -> 
     except OSError as error:
         raise CorruptFileError(f"{path}: cannot be read ({error})", path=path) from error
     array = flat.reshape(volume_shape, order="F" if fortran_order else "C")
-    array = np.ascontiguousarray(array, dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range: named by the finite check below
+        array = np.ascontiguousarray(array, dtype=np.float32)
     _require_finite(array, path)
     return Volume(array=array, spacing=None, source=str(path), modality_hint="unit")
 
@@ -559,14 +560,19 @@ def _to_canonical(data: np.ndarray, affine: np.ndarray, path) -> tuple[np.ndarra
 
 
 def _rescaled(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
-    """float32 C-contiguous `stored * slope + intercept`, written once."""
+    """float32 C-contiguous `stored * slope + intercept`, written once.
+
+    Values beyond float32's range become infinite without a warning: the finite check that follows
+    names the file instead.
+    """
     out = np.empty(stored.shape, dtype=np.float32)
-    if slope == 1.0:
-        out[...] = stored
-    else:
-        np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
-    if intercept != 0.0:
-        out += np.float32(intercept)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if slope == 1.0:
+            out[...] = stored
+        else:
+            np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
+        if intercept != 0.0:
+            out += np.float32(intercept)
     return out
 
 
@@ -606,7 +612,11 @@ def _require_finite(array: np.ndarray, path) -> None:
     # costs one pass without a mask the size of the volume.
     if not np.isfinite(array.sum(dtype=np.float64)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise NonFiniteVolumeError(f"{path}: {bad} of {array.size} voxels are NaN or infinite", path=path)
+        raise NonFiniteVolumeError(
+            f"{path}: {bad} of {array.size} voxels are NaN or infinite (or, rescaled, beyond float32's range); "
+            "expected finite values",
+            path=path,
+        )
 
 
 __all__ = [

@@ -433,6 +433,16 @@ def test_a_non_finite_rescale_in_a_nifti_header_is_refused_by_name(tmp_path, slo
     assert caught.value.path == str(path) and str(path) in str(caught.value)
 
 
+@pytest.mark.parametrize("huge", [1e39, -3e300])
+def test_float64_voxels_beyond_float32s_range_are_refused_not_read_as_infinity(tmp_path, huge):
+    data = hu_volume().astype(np.float64)
+    data[3, 4, 5] = huge
+    path = save_nifti(tmp_path / "wide.nii.gz", data)
+    with pytest.raises(errors.NonFiniteVolumeError, match="1 of 3600 .*float32") as caught:
+        read_volume(path)
+    assert caught.value.path == str(path)
+
+
 def _broken_file(directory: pathlib.Path, kind: str) -> pathlib.Path:
     if kind == "nifti_unknown_datatype":
         path = save_nifti(directory / "dtype.nii.gz", hu_volume())
