@@ -7,7 +7,8 @@ r"""The paper's ablation at small scale: which vision tokens and which slice wei
 Each run is the quick start's recipe (`scripts/quickstart.sh`): the phantom set (generated once, fixed
 for every run), the tiny config with MiniLM as TG-IS's question encoder, pretrain on the reports, then
 finetune on closed and open VQA, then greedy answers on the held-out phantoms. A variant is config
-values only, routed through the one model (`tgis.vision_tokens`, `tgis.slice_weighting`); a seed sets
+values only, routed through the one model (`tgis.vision_tokens`, `tgis.slice_weighting`,
+`vision2d.slice_windows`); a seed sets
 both the model's initialization (`train.seed`) and the data order (`data.seed`).
 
 Every stage is one of the documented commands, run as a subprocess, so an interrupted ablation resumes
@@ -37,6 +38,8 @@ import sys
 
 from absl import app, flags
 
+from med2e3_jax.config import CT_SLICE_WINDOWS
+
 # name -> config overrides of the experiment config (both stages).
 VARIANTS = {
     "3d": {"model.tgis.vision_tokens": "3d"},
@@ -45,13 +48,14 @@ VARIANTS = {
     "max": {"model.tgis.slice_weighting": "max"},
     "uniform": {"model.tgis.slice_weighting": "uniform"},
     "tgis": {},
+    "windows": {"model.vision2d.slice_windows": str(CT_SLICE_WINDOWS)},
 }
 # What each stage trains when the variant lacks modules of the default recipe (train_config.TRAINABLE).
 TRAINABLE = {"3d": {"pretrain": ("vision3d_connector",), "finetune": ("llm", "vision3d_connector")}}
 REFERENCE = "tgis"
 # Variants whose slice scores come from the question: they read it with MiniLM, as the quick start does,
 # and their grounding figures mean something.
-SCORED = {"2d_tgis", "tgis"}
+SCORED = {"2d_tgis", "tgis", "windows"}
 EVALUATIONS = (("m3d_vqa_closed", "vqa_closed_test.json", 16), ("m3d_vqa_open", "vqa_open_test.json", 32))
 SMOKE = dict(variants="tgis,3d", seeds=1, phantoms=24, pretrain_steps=2, finetune_steps=3, eval_limit=4)
 

@@ -13,6 +13,11 @@ VISION_TOKENS = ("3d+2d", "3d", "2d")
 REMAT_POLICIES = ("none", "full", "dots")  # see models/remat.py
 # `cudnn` runs cuDNN's fused attention where it accepts the call and XLA's otherwise (models/attention.py).
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# Multi-window slice channels (`vision2d.slice_windows`): SigLIP's three image channels as three HU windows
+# of the slice, lung (W1500 L-600), soft tissue (W400 L40) and bone (W1500 L300), as MedGemma packs CT
+# windows into RGB, instead of one grey copy. The volume is already clipped to `vision2d.volume_window`,
+# so a window reaching past it (bone's top) saturates there.
+CT_SLICE_WINDOWS = ((-1350.0, 150.0), (-160.0, 240.0), (-450.0, 1050.0))
 
 # microsoft/Phi-3-mini-128k-instruct (June 2024 update) LongRoPE factors; with the 768-token prompts
 # of Med-2E3 only `short_factor` is ever used (padded length <= 4096).
@@ -55,6 +60,9 @@ def model_config() -> ml_collections.ConfigDict:
             vision2d=dict(
                 image_size=256, patch_size=16, num_channels=3, hidden_size=1024, intermediate_size=4096,
                 num_layers=24, num_heads=16, layer_norm_eps=1e-6,
+                # (low, high) HU per image channel, or () for the grey slice in every channel (the
+                # authors'); e.g. CT_SLICE_WINDOWS. volume_window: the HU range the volume's [0, 1] spans.
+                slice_windows=(), volume_window=(-1000.0, 1000.0),
             ),
             # M3D-CLIP's BERT, whose pooler output is the TG-IS question feature.
             question_encoder=dict(
@@ -120,6 +128,10 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
             f"vision2d.image_size={v2.image_size} must equal the volume's height and width "
             f"vision3d.img_size[1:]={tuple(v3.img_size[1:])}: slices go into SigLIP without resizing"
         )
+    windows = tuple(tuple(w) for w in v2.get("slice_windows", ()))
+    if windows and (len(windows) != v2.num_channels or any(len(w) != 2 or not w[0] < w[1] for w in windows)):
+        raise ValueError(f"vision2d.slice_windows={windows}: expected {v2.num_channels} (low, high) HU pairs with "
+                         "low < high, one per image channel, or () for grey slices")
     if t.slice_weighting not in SLICE_WEIGHTINGS:
         raise ValueError(f"tgis.slice_weighting must be one of {SLICE_WEIGHTINGS}, got {t.slice_weighting!r}")
     if cfg.get("remat_policy", "none") not in REMAT_POLICIES:

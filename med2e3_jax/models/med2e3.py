@@ -93,7 +93,7 @@ class Med2E3(nnx.Module):
             scores = jnp.full((batch, slices), 1.0 / slices, jnp.float32)
             return VisionOutput(volume_tokens, scores)
 
-        slice_features = self.vision2d(_slices_as_images(volume))
+        slice_features = self.vision2d(slices_as_images(volume, self.cfg.vision2d))
         slice_tokens = self.vision2d_connector(slice_features)
         slice_tokens = slice_tokens.reshape(batch, slices, *slice_tokens.shape[1:])
         self._record(v2d_selected=slice_features, v2d_slice_tokens=slice_tokens)
@@ -148,9 +148,19 @@ class Med2E3(nnx.Module):
             self.sow(nnx.Intermediate, name, value, reduce_fn=lambda _, new: new)
 
 
-def _slices_as_images(volume):
-    """(batch, 1, slices, height, width) -> (batch * slices, height, width, 1), batch-major: grey images,
-    which SigLIP's embedding takes as the single CT channel copied to every image channel (as the authors
-    feed SigLIP), without normalisation."""
+def slices_as_images(volume, vision2d_cfg):
+    """(batch, 1, slices, height, width) in [0, 1] -> (batch * slices, height, width, channels), batch-major.
+
+    Without `vision2d.slice_windows`: grey images (channels 1), which SigLIP's embedding takes as the single
+    CT channel copied to every image channel, as the authors feed SigLIP, without normalisation. With
+    them: channel k is the slice in HU (from `vision2d.volume_window`) through window k, scaled to [0, 1].
+    """
     batch, _, slices, height, width = volume.shape
-    return jnp.moveaxis(volume, 1, -1).reshape(batch * slices, height, width, volume.shape[1])
+    images = jnp.moveaxis(volume, 1, -1).reshape(batch * slices, height, width, volume.shape[1])
+    windows = vision2d_cfg.get("slice_windows", ())
+    if not windows:
+        return images
+    floor, ceiling = vision2d_cfg.volume_window
+    hu = floor + images.astype(jnp.float32) * (ceiling - floor)
+    low, high = (jnp.asarray([w[i] for w in windows], jnp.float32) for i in (0, 1))
+    return jnp.clip((hu - low) / (high - low), 0.0, 1.0).astype(volume.dtype)
