@@ -41,6 +41,7 @@ from data_pipelines.errors import (
 CANONICAL_AXCODES = ("I", "P", "L")
 NIFTI1_HEADER_BYTES, NIFTI2_HEADER_BYTES = 348, 540
 GZIP_MAGIC = b"\x1f\x8b"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 NIFTI_INTENT_LABEL = 1002  # the NIfTI intent code of a label map
 # Voxels drawn to tell an image from a mask: enough to meet every tissue of a CT, cheap to sort.
 MASK_SAMPLE = 1 << 16
@@ -230,7 +231,9 @@ def read_nifti(path: str | os.PathLike, *, slope: float | None = None, intercept
             data = f.read() if compressed else f.read(NIFTI2_HEADER_BYTES)
     except OSError as error:
         raise CorruptFileError(f"{path}: cannot be read ({error})", path=path) from error
-    head = _gunzip(data, path, NIFTI2_HEADER_BYTES) if compressed else data
+    # The header from the stream's first MiB: decoding stops at the header, and zlib copies the input it
+    # has not used.
+    head = _gunzip(memoryview(data)[: 1 << 20], path, NIFTI2_HEADER_BYTES) if compressed else data
     header = _nifti_header(nib, head, path)
 
     shape = tuple(int(n) for n in header.get_data_shape())
@@ -297,11 +300,13 @@ def read_nifti(path: str | os.PathLike, *, slope: float | None = None, intercept
 
     oriented, spacing = _to_canonical(raw, header.get_best_affine(), path)
     array = _rescaled(oriented, slope, intercept)
-    _require_finite(array, path)
+    # Integers rescaled within float32's range need no pass over the voxels to be finite.
+    if raw.dtype.kind == "f" or float(np.iinfo(raw.dtype).max) * abs(slope) + abs(intercept) > FLOAT32_MAX:
+        _require_finite(array, path)
     return Volume(array=array, spacing=spacing, source=str(path), modality_hint="ct")
 
 
-def _gunzip(data: bytes, path: pathlib.Path, limit: int) -> bytes:
+def _gunzip(data: bytes | memoryview, path: pathlib.Path, limit: int) -> bytes:
     """The first `limit` bytes (fewer if the stream holds fewer) that the gzip stream `data` inflates to.
 
     Decoding stops at `limit`: a stream that would inflate past it (a decompression bomb, or junk after
@@ -309,7 +314,7 @@ def _gunzip(data: bytes, path: pathlib.Path, limit: int) -> bytes:
     decoded in turn. A stream that ends exactly at `limit` is still checked to its CRC.
     """
     parts, total, rest = [], 0, data
-    while total < limit and rest[:2] == GZIP_MAGIC:
+    while total < limit and bytes(rest[:2]) == GZIP_MAGIC:
         decoder = zlib.decompressobj(wbits=31)
         try:
             part = decoder.decompress(rest, limit - total)
