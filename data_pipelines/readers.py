@@ -44,7 +44,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 NIFTI_INTENT_LABEL = 1002  # the NIfTI intent code of a label map
 # Voxels drawn to tell an image from a mask: enough to meet every tissue of a CT, cheap to sort.
-MASK_SAMPLE = 1 << 16
+MASK_SAMPLE = 1 << 12
 # A label map holds this many distinct small non-negative integers at most; an image holds more.
 MAX_LABELS = 64
 
