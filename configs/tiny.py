@@ -63,7 +63,7 @@ def get_config(options="finetune"):
                         checkpoint_every=500)
     # scripts/quickstart.sh: both stages in minutes on 2 CPU cores (docs/quickstart.md).
     config.train.steps = 100 if stage == "pretrain" else 1200
-    if stage == "finetune":
+    if stage in ("finetune", "finetune_lora"):
         # VQA answers take about 8 tokens a row: 16 LM-head slots a row instead of a quarter of the 128
         # positions halve the head's work; a batch with more targets runs the rest in the step's
         # overflow chunks (models/lm_loss.py).

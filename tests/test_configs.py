@@ -40,3 +40,9 @@ def test_tiny_minilm_sizes_equal_the_fetched_checkpoint_config():
     ours = tiny.get_config("pretrain,minilm").model.question_encoder
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
         assert ours[key] == minilm[key], key
+
+
+def test_tiny_lora_finetune_lays_out_the_head_like_finetune():
+    # The same VQA batches: 16 head slots a row (answers take about 8 tokens), not a quarter of the prompt.
+    slots = {stage: tiny.get_config(stage).train.head_slots_per_row for stage in ("finetune", "finetune_lora")}
+    assert slots == {"finetune": 16, "finetune_lora": 16}
