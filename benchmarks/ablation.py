@@ -92,7 +92,8 @@ class Plan:
 
 
 def command(name: str, *args) -> None:
-    """Runs the installed command med2e3-NAME with this interpreter; its output goes to the log file."""
+    """Runs the command med2e3-NAME with this interpreter: its log goes to stderr, its stdout (the figures are
+    read from the run folder) is dropped."""
     argv = [sys.executable, "-m", f"med2e3_jax.cli.{name.replace('-', '_')}", *map(str, args)]
     logger.info("%s", " ".join(argv[2:]))
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)

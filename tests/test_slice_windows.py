@@ -23,14 +23,16 @@ def test_windows_of_a_known_slice_equal_the_hand_computed_ones():
     volume = jnp.asarray([0.0, 0.5, 1.0], jnp.float32).reshape(1, 1, 1, 1, 3)
     images = np.asarray(slices_as_images(volume, cfg))
     assert images.shape == (1, 1, 3, 3)
-    # lung (-1350, 150): (HU + 1350) / 1500; soft tissue (-160, 240): (HU + 160) / 400; bone (-450, 1050): (HU + 450) / 1500.
+    # lung (-1350, 150): (HU + 1350) / 1500; soft tissue (-160, 240): (HU + 160) / 400;
+    # bone (-450, 1050): (HU + 450) / 1500.
     expected = [[350 / 1500, 0.0, 0.0], [1350 / 1500, 160 / 400, 450 / 1500], [1.0, 1.0, 1450 / 1500]]
     np.testing.assert_allclose(images[0, 0], expected, rtol=1e-6)
 
 
 def test_without_windows_the_slice_stays_one_grey_channel():
     volume = jnp.linspace(0, 1, 2 * 3 * 4 * 4).reshape(2, 1, 3, 4, 4)
-    images = slices_as_images(volume, ml_collections.ConfigDict(dict(slice_windows=(), volume_window=(-1000.0, 1000.0))))
+    grey = ml_collections.ConfigDict(dict(slice_windows=(), volume_window=(-1000.0, 1000.0)))
+    images = slices_as_images(volume, grey)
     np.testing.assert_array_equal(np.asarray(images), np.asarray(volume).reshape(6, 4, 4, 1))
 
 
