@@ -51,7 +51,11 @@ VARIANTS = {
     "windows": {"model.vision2d.slice_windows": str(CT_SLICE_WINDOWS)},
 }
 # What each stage trains when the variant lacks modules of the default recipe (train_config.TRAINABLE).
-TRAINABLE = {"3d": {"pretrain": ("vision3d_connector",), "finetune": ("llm", "vision3d_connector")}}
+# `3d` has no slice branch; `mean`, `max` and `uniform` have no TG-IS parameters (no text_mlp).
+_NO_TEXT = {"pretrain": ("vision2d_connector", "vision3d_connector"),
+            "finetune": ("llm", "vision2d", "vision2d_connector", "vision3d_connector")}
+TRAINABLE = {"3d": {"pretrain": ("vision3d_connector",), "finetune": ("llm", "vision3d_connector")},
+             "mean": _NO_TEXT, "max": _NO_TEXT, "uniform": _NO_TEXT}
 REFERENCE = "tgis"
 # Variants whose slice scores come from the question: they read it with MiniLM, as the quick start does,
 # and their grounding figures mean something.
