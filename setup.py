@@ -18,7 +18,7 @@ setup(
         ("train", "train"), ("generate", "generate"), ("evaluate", "evaluate"), ("convert", "convert"),
         ("preprocess", "preprocess"), ("phantoms", "phantoms"), ("real-ct", "real_ct"),
         ("annotations", "annotations"), ("build-tfds", "build_tfds"), ("fetch-assets", "fetch_assets"),
-        ("memory-plan", "memory_plan"), ("device-check", "device_check"),
+        ("memory-plan", "memory_plan"), ("device-check", "device_check"), ("serve", "serve"),
     )]},
     install_requires=[
         "jax>=0.10",
@@ -59,13 +59,18 @@ setup(
         "eval": ["torch==2.13.0", "bert-score>=0.3.13"],
         # Hospital DICOM series; pylibjpeg decodes JPEG 2000 (lossless) compressed ones.
         "dicom": ["pydicom>=2.4", "pylibjpeg", "pylibjpeg-openjpeg"],
+        # The web viewer (med2e3-serve); DICOM series arrive as .zip uploads. Gradio's API moves between
+        # major releases: tested on 6.31.
+        "serve": ["gradio>=6.31,<7", "pydicom>=2.4", "pylibjpeg", "pylibjpeg-openjpeg"],
         # torch is pinned exactly: a looser pin pulls a multi-GB CUDA build. MONAI is the preprocessing
         # reference in the tests only.
         "test": [
             "torch==2.13.0", "bert-score>=0.3.13", "monai>=1.4", "pytest>=8", "pydicom>=2.4", "pylibjpeg",
-            "pylibjpeg-openjpeg", "peft==0.21.2",
+            "pylibjpeg-openjpeg", "peft==0.21.2", "gradio>=6.31,<7", "selenium>=4.20",
         ],
         # The suite without torch (its parity tests skip): any Python and jax the package supports.
-        "test-core": ["pytest>=8", "pydicom>=2.4", "pylibjpeg", "pylibjpeg-openjpeg"],
+        # gradio and selenium: the viewer's tests in a headless Chromium (scripts/test.sh installs it).
+        "test-core": ["pytest>=8", "pydicom>=2.4", "pylibjpeg", "pylibjpeg-openjpeg", "gradio>=6.31,<7",
+                      "selenium>=4.20"],
     },
 )

@@ -22,6 +22,7 @@ COMMANDS = {  # console script -> module of med2e3_jax.cli, as setup.py declares
     "med2e3-convert": "convert", "med2e3-preprocess": "preprocess", "med2e3-phantoms": "phantoms",
     "med2e3-real-ct": "real_ct", "med2e3-annotations": "annotations", "med2e3-build-tfds": "build_tfds",
     "med2e3-fetch-assets": "fetch_assets", "med2e3-memory-plan": "memory_plan", "med2e3-device-check": "device_check",
+    "med2e3-serve": "serve",
 }
 
 
