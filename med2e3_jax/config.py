@@ -1,7 +1,8 @@
 """The model configuration: every architectural number of Med-2E3, with the released values as defaults.
 
 `configs/*.py` build on `model_config()`; `validate_model_config` derives and checks the numbers that
-the modules rely on (pooled 3D grid, depth groups, number of vision tokens) and says what is wrong.
+the modules rely on (pooled 3D grid, depth groups, number of vision tokens, widths split into heads)
+and raises a `ConfigError` naming the key, its value and what was expected.
 """
 
 from __future__ import annotations
@@ -117,32 +118,101 @@ def num_vision_tokens(cfg: ml_collections.ConfigDict) -> int:
     return {"3d+2d": tokens_3d + tokens_2d, "3d": tokens_3d, "2d": tokens_2d}[cfg.tgis.vision_tokens]
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; `key` is its dotted path (`llm.num_heads`)."""
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def _positive_ints(node, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = node[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{prefix}.{name}={value!r}: expected a positive integer", key=f"{prefix}.{name}")
+
+
+def _heads_divide(node, prefix: str, width: str = "hidden_size", heads: str = "num_heads") -> None:
+    if node[width] % node[heads]:
+        raise ConfigError(f"{prefix}.{width}={node[width]} is not divisible by {prefix}.{heads}={node[heads]}: "
+                          f"each of the {node[heads]} attention heads takes an equal share of the width",
+                          key=f"{prefix}.{width}")
+
+
+def validate_towers(cfg: ml_collections.ConfigDict) -> None:
+    """The sizes of the four transformers: positive, and each attention width split evenly into heads."""
+    v3, v2, bert, llm = cfg.vision3d, cfg.vision2d, cfg.question_encoder, cfg.llm
+    _positive_ints(v3, "vision3d", ("in_channels", "hidden_size", "mlp_dim", "num_layers", "num_heads"))
+    for axis, (size, patch) in enumerate(zip(v3.img_size, v3.patch_size)):
+        for name, value in (("img_size", size), ("patch_size", patch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"vision3d.{name}[{axis}]={value!r}: expected a positive integer",
+                                  key=f"vision3d.{name}")
+    _heads_divide(v3, "vision3d")
+    _positive_ints(v2, "vision2d", ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
+                                    "num_layers", "num_heads"))
+    _heads_divide(v2, "vision2d")
+    if v2.image_size % v2.patch_size:
+        raise ConfigError(f"vision2d.image_size={v2.image_size} is not a multiple of vision2d.patch_size="
+                          f"{v2.patch_size}", key="vision2d.image_size")
+    _positive_ints(bert, "question_encoder", ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                                              "intermediate_size", "max_position_embeddings", "type_vocab_size"))
+    _heads_divide(bert, "question_encoder")
+    _positive_ints(llm, "llm", ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                "num_kv_heads", "max_position_embeddings"))
+    if llm.get("head_dim") is None:
+        _heads_divide(llm, "llm")  # an explicit head_dim (Qwen3-style) need not divide the width
+    else:
+        _positive_ints(llm, "llm", ("head_dim",))
+    if llm.num_heads % llm.num_kv_heads:
+        raise ConfigError(f"llm.num_heads={llm.num_heads} is not a multiple of llm.num_kv_heads={llm.num_kv_heads}: "
+                          "each key/value head serves an equal group of query heads", key="llm.num_heads")
+
+
 def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the config key whose value cannot work."""
+    """Raises ConfigError (a ValueError) naming the config key whose value cannot work."""
+    validate_towers(cfg)
     v3, v2, t = cfg.vision3d, cfg.vision2d, cfg.tgis
     for axis, (size, patch) in enumerate(zip(v3.img_size, v3.patch_size)):
         if size % patch:
-            raise ValueError(f"vision3d.img_size[{axis}]={size} is not a multiple of vision3d.patch_size[{axis}]={patch}")
+            raise ConfigError(f"vision3d.img_size[{axis}]={size} is not a multiple of vision3d.patch_size[{axis}]={patch}",
+                              key="vision3d.img_size")
     if v2.image_size != v3.img_size[1] or v2.image_size != v3.img_size[2]:
-        raise ValueError(
+        raise ConfigError(
             f"vision2d.image_size={v2.image_size} must equal the volume's height and width "
-            f"vision3d.img_size[1:]={tuple(v3.img_size[1:])}: slices go into SigLIP without resizing"
+            f"vision3d.img_size[1:]={tuple(v3.img_size[1:])}: slices go into SigLIP without resizing",
+            key="vision2d.image_size",
         )
     windows = tuple(tuple(w) for w in v2.get("slice_windows", ()))
     if windows and (len(windows) != v2.num_channels or any(len(w) != 2 or not w[0] < w[1] for w in windows)):
-        raise ValueError(f"vision2d.slice_windows={windows}: expected {v2.num_channels} (low, high) HU pairs with "
-                         "low < high, one per image channel, or () for grey slices")
+        raise ConfigError(f"vision2d.slice_windows={windows}: expected {v2.num_channels} (low, high) HU pairs with "
+                          "low < high, one per image channel, or () for grey slices", key="vision2d.slice_windows")
     if t.slice_weighting not in SLICE_WEIGHTINGS:
-        raise ValueError(f"tgis.slice_weighting must be one of {SLICE_WEIGHTINGS}, got {t.slice_weighting!r}")
+        raise ConfigError(f"tgis.slice_weighting must be one of {SLICE_WEIGHTINGS}, got {t.slice_weighting!r}",
+                          key="tgis.slice_weighting")
     if cfg.get("remat_policy", "none") not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
+        raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}", key="remat_policy")
     if cfg.get("attention_impl", "xla") not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {cfg.attention_impl!r}")
+        raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {cfg.attention_impl!r}",
+                          key="attention_impl")
     if t.vision_tokens not in VISION_TOKENS:
-        raise ValueError(f"tgis.vision_tokens must be one of {VISION_TOKENS}, got {t.vision_tokens!r}")
+        raise ConfigError(f"tgis.vision_tokens must be one of {VISION_TOKENS}, got {t.vision_tokens!r}",
+                          key="tgis.vision_tokens")
+    if isinstance(t.pool_stride, bool) or not isinstance(t.pool_stride, int) or t.pool_stride < 1:
+        raise ConfigError(f"tgis.pool_stride={t.pool_stride!r}: expected a positive integer", key="tgis.pool_stride")
+    if not t.temperature > 0:
+        raise ConfigError(f"tgis.temperature={t.temperature!r}: expected a positive number (the slice scores are "
+                          "a softmax of similarities divided by it)", key="tgis.temperature")
+    if not 0 <= t.dropout < 1:
+        raise ConfigError(f"tgis.dropout={t.dropout!r}: expected a probability in [0, 1)", key="tgis.dropout")
     groups = pooled_grid(cfg)[0]
     if groups < 1 or num_slices(cfg) % groups:
-        raise ValueError(
+        raise ConfigError(
             f"{num_slices(cfg)} slices cannot be split into {groups} pooled depth groups "
-            f"(vision3d.img_size[0] / vision3d.patch_size[0] / tgis.pool_stride)"
+            f"(vision3d.img_size[0] / vision3d.patch_size[0] / tgis.pool_stride)", key="tgis.pool_stride"
         )
+    if cfg.llm_max_length <= num_vision_tokens(cfg):
+        raise ConfigError(f"llm_max_length={cfg.llm_max_length} leaves no room for text: the {num_vision_tokens(cfg)} "
+                          f"vision tokens ({t.vision_tokens}) alone take that many positions; expected more than "
+                          f"{num_vision_tokens(cfg)}", key="llm_max_length")

@@ -1,11 +1,17 @@
 """The training recipe (the authors' two stages), the device mesh, the layout, and the experiment config
-that `configs/*.py` return: `model`, `data`, `train`, `mesh`, `sharding`, `distributed`."""
+that `configs/*.py` return: `model`, `data`, `train`, `mesh`, `sharding`, `distributed`.
+
+`validate_experiment_config` checks the values the training loop divides by, counts with or hands to
+the optimizer before a model is built, and names the key at fault (`ConfigError`)."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import ml_collections
 
-from med2e3_jax.config import num_vision_tokens
+from med2e3_jax.config import ConfigError, num_vision_tokens, validate_model_config
 from med2e3_jax.data_config import data_config
 from med2e3_jax.lora import lora_config
 
@@ -67,6 +73,65 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
             lora=lora_config(),  # the adapters of finetune_lora (med2e3_jax/lora.py); other stages ignore it
         )
     )
+
+
+TRANSFER_GUARDS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
+
+
+def _int_at_least(train, name: str, low: int, why: str = "") -> None:
+    value = train[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigError(f"train.{name}={value!r}: expected an integer >= {low}{why}", key=f"train.{name}")
+
+
+def _number_in(train, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
+    value = train[name]
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"train.{name}={value!r}: expected a finite number in {interval}", key=f"train.{name}")
+
+
+def validate_train_config(train: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the `train.*` key whose value the loop or the optimizer cannot use."""
+    if train.stage not in STAGES:
+        raise ConfigError(f"train.stage={train.stage!r}: expected one of {STAGES}", key="train.stage")
+    _int_at_least(train, "steps", 1, " (the number of optimizer steps to train)")
+    _int_at_least(train, "log_every", 1, " (steps between metric reads)")
+    _int_at_least(train, "checkpoint_every", 1, " (steps between checkpoints; the last step is always saved)")
+    if train.keep_checkpoints is not None:
+        _int_at_least(train, "keep_checkpoints", 1, ", or None to keep every checkpoint")
+    _int_at_least(train, "global_batch_size", 1)
+    _int_at_least(train, "micro_batches", 1)
+    if train.global_batch_size % train.micro_batches:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} does not split into "
+                          f"train.micro_batches={train.micro_batches} equal micro-batches", key="train.micro_batches")
+    _int_at_least(train, "head_slots_per_row", -1, " (-1: a quarter of the positions, 0: all)")
+    _int_at_least(train, "head_chunk", 0, " (0: no chunking)")
+    _int_at_least(train, "seed", 0)
+    _number_in(train, "learning_rate", 0, math.inf, low_open=True, high_open=True)
+    _number_in(train, "warmup_ratio", 0, 1)
+    _number_in(train, "weight_decay", 0, math.inf, high_open=True)
+    if train.grad_clip is not None:  # None or 0: no clipping
+        _number_in(train, "grad_clip", 0, math.inf, high_open=True)
+    _number_in(train, "adam_b1", 0, 1, high_open=True)
+    _number_in(train, "adam_b2", 0, 1, high_open=True)
+    _number_in(train, "adam_eps", 0, math.inf, low_open=True, high_open=True)
+    if train.transfer_guard not in TRANSFER_GUARDS:
+        raise ConfigError(f"train.transfer_guard={train.transfer_guard!r}: expected one of {TRANSFER_GUARDS}",
+                          key="train.transfer_guard")
+
+
+def validate_experiment_config(config: ml_collections.ConfigDict) -> None:
+    """The model, the training recipe and the mesh of an experiment config; raises ConfigError naming
+    the first key whose value cannot work."""
+    validate_model_config(config.model)
+    validate_train_config(config.train)
+    for axis, size in config.mesh.items():
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or (size < 1 and size != -1):
+            raise ConfigError(f"mesh.{axis}={size!r}: expected a positive integer, or -1 for the remaining devices",
+                              key=f"mesh.{axis}")
 
 
 def mesh_config() -> ml_collections.ConfigDict:

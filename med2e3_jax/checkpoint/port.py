@@ -8,7 +8,9 @@ with prefixes, so that one rule serves a component checkpoint and the full model
 Import is strict and streaming: tensors are read one at a time; every source tensor is either
 consumed by a rule or matched by the table's `unused` patterns; every parameter of the model must be
 filled; shapes are checked before a tensor is read. All problems are collected and raised together
-in one `CheckpointMismatchError` that names each key, file and shape.
+in one `CheckpointMismatchError` that names each key, file and shape. Every floating tensor read must
+be finite in the file and in the dtype it is imported in (`NonFiniteWeightError` otherwise): a NaN
+weight would otherwise surface steps later as a NaN loss, far from its cause.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 
+import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
+
+from med2e3_jax.checkpoint.errors import CheckpointMismatchError, NonFiniteWeightError
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +140,6 @@ class PortTable:
 
 def path_str(path: Path) -> str:
     return ".".join(str(p) for p in path)
-
-
-class CheckpointMismatchError(ValueError):
-    """Raised when a checkpoint does not fit the model: names every offending key and shape."""
 
 
 class TensorSource:
@@ -278,7 +279,11 @@ def import_tensors(
     num_parameters = num_bytes = 0
     for key, path, transform in tqdm(plan, desc=description, disable=not progress, unit="tensor"):
         dtype = expected[path][1]
-        value = np.ascontiguousarray(transform.to_jax(source.read(key)), dtype=dtype)
+        raw = transform.to_jax(source.read(key))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing cast is reported below
+            value = np.ascontiguousarray(raw, dtype=dtype)
+        check_finite(key, source.where(key), raw, value)
+        del raw
         num_parameters += value.size
         num_bytes += value.nbytes
         if sink is None:
@@ -290,6 +295,46 @@ def import_tensors(
         log.debug("deliberately unused tensors: %s", ", ".join(unused))
     report = ImportReport({key: path_str(path) for key, path, _ in plan}, unused, num_parameters, num_bytes)
     return arrays, report
+
+
+# Elements checked at a time: the boolean mask of a block, not of the largest tensor, is what the check adds.
+_FINITE_BLOCK = 1 << 22
+
+
+def _is_floating(dtype: np.dtype) -> bool:
+    try:
+        ml_dtypes.finfo(dtype)
+    except ValueError:
+        return False
+    return True
+
+
+def check_finite(key: str, where: str, raw: np.ndarray, value: np.ndarray) -> None:
+    """Raises NonFiniteWeightError if `value` (tensor `key` of file `where`, cast from `raw`, which has
+    the same shape) holds a NaN or infinity: naming the first, and whether it was in the file or came
+    from a value beyond the range of `value`'s dtype (float64 weights cast to float32, say)."""
+    if not _is_floating(value.dtype):
+        return
+    flat = value.reshape(-1)
+    first, count = None, 0
+    for start in range(0, flat.size, _FINITE_BLOCK):
+        finite = np.isfinite(flat[start:start + _FINITE_BLOCK])
+        if first is None:
+            if finite.all():
+                continue
+            first = start + int(np.argmin(finite))
+        count += finite.size - int(np.count_nonzero(finite))
+    if first is None:
+        return
+    index = tuple(int(i) for i in np.unravel_index(first, value.shape))
+    original = np.asarray(raw)[index]
+    if not _is_floating(original.dtype) or np.isfinite(original):
+        what = f"{float(original):.6g} in the file, beyond {value.dtype}'s range (±{float(ml_dtypes.finfo(value.dtype).max):.4g})"
+    else:
+        what = f"{float(original)} in the file"
+    raise NonFiniteWeightError(
+        f"{key} in {where}: {count:,} of {flat.size:,} values are not finite as {value.dtype}, the first at index "
+        f"{index}: {what}; every imported weight must be a finite {value.dtype}", path=where)
 
 
 def _torch_key_hint(table: PortTable, target: str) -> str:

@@ -7,22 +7,29 @@ through a memory map count as the process's resident memory for as long as they 
 reader gives them back once the tensor is copied out (a fresh safetensors mapping per read; `madvise` on
 the `.bin` mapping). `open_checkpoint` recognises the layouts the authors' weights come in
 (docs/checkpoints.md, Formats) and presents each as one source in the module-path key namespace.
+
+Whatever a file does wrong comes back as a `CheckpointError` naming it (`checkpoint/errors.py`): a
+truncated file, a pickle that would run code (refused: `.bin` files are only ever unpickled with
+`weights_only=True`), a header or index beyond `CheckpointLimits`, a shard outside its index's folder.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import mmap
 import os
+import pickle
+import struct
 import sys
 from collections.abc import Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from med2e3_jax.checkpoint.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from med2e3_jax.checkpoint.limits import DEFAULT_LIMITS, CheckpointLimits, read_json
 from med2e3_jax.checkpoint.port import TensorSource
 
 log = logging.getLogger(__name__)
@@ -152,19 +159,40 @@ def _lookup(table: dict, key: str, name: str):
         raise KeyError(f"tensor {key!r} is not in {name}") from None
 
 
-class SafetensorsSource(TensorSource):
-    """One `.safetensors` file, memory-mapped; shapes and dtypes from its header."""
+def _safetensors_header_bytes(path: str) -> int:
+    """The header length a `.safetensors` file declares in its first 8 bytes (little-endian u64)."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    if len(prefix) < 8:
+        raise CorruptCheckpointError(f"{path}: {len(prefix)} bytes, too short for a safetensors file (its header "
+                                     "length alone takes 8)", path=path)
+    return struct.unpack("<Q", prefix)[0]
 
-    def __init__(self, path: str | os.PathLike):
+
+def _safetensors_error(path: str, error: Exception, doing: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{path}: {doing}: {error} (expected a complete safetensors file: an 8-byte "
+                                  "header length, the JSON header, then every tensor's bytes)", path=path)
+
+
+class SafetensorsSource(TensorSource):
+    """One `.safetensors` file, memory-mapped; shapes and dtypes from its header, whose declared length
+    is checked against `limits` before it is parsed."""
+
+    def __init__(self, path: str | os.PathLike, limits: CheckpointLimits = DEFAULT_LIMITS):
         self.name = os.fspath(path)
-        header = safe_open(self.name, framework="numpy")
+        limits.check_header(self.name, _safetensors_header_bytes(self.name), "safetensors header")
+        try:
+            header = safe_open(self.name, framework="numpy")
+            specs = {key: (tuple(header.get_slice(key).get_shape()), header.get_slice(key).get_dtype())
+                     for key in header.keys()}
+        except SafetensorError as error:
+            raise _safetensors_error(self.name, error, "cannot read the header") from None
         self._specs = {}
-        for key in header.keys():
-            info = header.get_slice(key)
-            dtype = info.get_dtype()
+        for key, (shape, dtype) in specs.items():
             if dtype not in _SAFETENSORS_DTYPES:
-                raise ValueError(f"{self.name}: tensor {key!r} has dtype {dtype}, which numpy cannot hold")
-            self._specs[key] = (tuple(info.get_shape()), np.dtype(_SAFETENSORS_DTYPES[dtype]))
+                raise CheckpointError(f"{self.name}: tensor {key!r} has dtype {dtype}, which numpy cannot hold; "
+                                      f"expected one of {', '.join(_SAFETENSORS_DTYPES)}", path=self.name)
+            self._specs[key] = (shape, np.dtype(_SAFETENSORS_DTYPES[dtype]))
 
     def keys(self):
         return list(self._specs)
@@ -179,7 +207,10 @@ class SafetensorsSource(TensorSource):
         self._spec(key)
         # A mapping per read, dropped with it: the pages it touched leave the resident set at once
         # instead of accumulating to the size of the file.
-        return safe_open(self.name, framework="numpy").get_tensor(key)
+        try:
+            return safe_open(self.name, framework="numpy").get_tensor(key)
+        except (SafetensorError, OSError) as error:  # the file changed or shrank since it was opened
+            raise _safetensors_error(self.name, error, f"cannot read tensor {key!r}") from None
 
     def where(self, key):
         return self.name
@@ -188,26 +219,57 @@ class SafetensorsSource(TensorSource):
         return _lookup(self._specs, key, self.name)
 
 
+def _unpickling_refusal(path: str, error: pickle.UnpicklingError) -> CheckpointError:
+    """torch's refusal, without its advice to retry with `weights_only=False` (which runs the pickle)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in lines if line.startswith(("Trying to load", "Unsupported", "WeightsUnpickler"))),
+                  lines[-1] if lines else type(error).__name__).rstrip(".")
+    if "global" in reason.lower():
+        return UnsafeCheckpointError(
+            f"{path}: refused: its pickle calls code, which a state dict of tensors never does ({reason}). Ask its "
+            "publisher for a safetensors file, or re-save its tensors as safetensors where it is trusted", path=path)
+    return CorruptCheckpointError(
+        f"{path}: not a state dict that torch.save wrote: the weights-only unpickler cannot read it ({reason}); "
+        "expected a torch.save file of tensors, or a safetensors file", path=path)
+
+
+def _torch_load(torch, path: str, *, mmap: bool):
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise _unpickling_refusal(path, error) from None
+
+
 class TorchBinSource(TensorSource):
-    """One `pytorch_model.bin` (any `torch.save`d state dict), memory-mapped: only `read` touches data."""
+    """One `pytorch_model.bin` (any `torch.save`d state dict), memory-mapped: only `read` touches data.
+
+    Unpickled with `weights_only=True` only: a file whose pickle names anything else is refused."""
 
     def __init__(self, path: str | os.PathLike):
         torch = require_torch()
         self.name = os.fspath(path)
         self._mapped = True
         try:
-            state = torch.load(self.name, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as error:
-            if "zipfile" not in str(error):
-                raise
-            # Files from torch < 1.6 (legacy, non-zip format) cannot be memory-mapped.
-            log.warning("%s is in torch's legacy format; loading it whole: %s", self.name, error)
-            state = torch.load(self.name, map_location="cpu", weights_only=True)
-            self._mapped = False
+            try:
+                state = _torch_load(torch, self.name, mmap=True)
+            except RuntimeError as error:
+                if "zipfile" not in str(error):
+                    raise
+                # Files from torch < 1.6 (legacy, non-zip format) cannot be memory-mapped.
+                log.warning("%s is in torch's legacy format; loading it whole", self.name)
+                state = _torch_load(torch, self.name, mmap=False)
+                self._mapped = False
+        except CheckpointError:
+            raise
+        except Exception as error:  # torch's own: truncated zip (OSError), bad records (RuntimeError, KeyError)
+            raise CorruptCheckpointError(
+                f"{self.name}: not a readable torch checkpoint ({type(error).__name__}: {error}); expected a "
+                "complete torch.save file (zip, or torch's legacy format)", path=self.name) from None
         # On a big-endian host torch byte-swaps the mapped data in place: those pages must stay.
         self._mapped &= sys.byteorder == "little"
         if not isinstance(state, dict):
-            raise ValueError(f"{self.name} holds a {type(state).__name__}, not a state dict")
+            raise CorruptCheckpointError(f"{self.name} holds a {type(state).__name__}, not a state dict "
+                                         "(a dict of tensor name -> tensor)", path=self.name)
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         if len(self._tensors) != len(state):
             others = sorted(k for k in state if k not in self._tensors)
@@ -245,16 +307,24 @@ class ShardedSource(TensorSource):
     any import work, naming the file.
     """
 
-    shard_source = None  # the class reading one shard; set by the subclasses
-
-    def __init__(self, index_path: str | os.PathLike):
+    def __init__(self, index_path: str | os.PathLike, limits: CheckpointLimits = DEFAULT_LIMITS):
         self.name = os.fspath(index_path)
-        with open(self.name, encoding="utf-8") as f:
-            index = json.load(f)
-        if "weight_map" not in index:
-            raise ValueError(f"{self.name} has no 'weight_map'; is it a sharded checkpoint index?")
-        directory = os.path.dirname(self.name)
-        self._shard_of = {key: os.path.join(directory, shard) for key, shard in index["weight_map"].items()}
+        self._limits = limits
+        index = read_json(self.name, limits, "sharded checkpoint index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CorruptCheckpointError(f"{self.name} has no 'weight_map' of tensor name -> shard file name; "
+                                         "is it a sharded checkpoint index?", path=self.name)
+        directory = os.path.dirname(os.path.abspath(self.name))
+        self._shard_of = {}
+        for key, shard in weight_map.items():
+            # A shard is a file of the index's folder: a name reaching out of it reads another file.
+            path = os.path.join(directory, shard)
+            if os.path.isabs(shard) or os.path.dirname(os.path.realpath(path)) != os.path.realpath(directory):
+                raise UnsafeCheckpointError(f"{self.name}: tensor {key!r} is in shard {shard!r}, outside the index's "
+                                            f"folder {directory}; shards must be files beside the index",
+                                            path=self.name)
+            self._shard_of[key] = path
         missing = sorted({p for p in self._shard_of.values() if not os.path.isfile(p)})
         if missing:
             raise FileNotFoundError(f"{self.name} lists shards that do not exist: {', '.join(missing)}")
@@ -278,20 +348,28 @@ class ShardedSource(TensorSource):
     def _shard(self, key) -> TensorSource:
         path = self.where(key)
         if path not in self._shards:
-            self._shards[path] = type(self).shard_source(path)
+            self._shards[path] = type(self).open_shard(path, self._limits)
         return self._shards[path]
+
+    @staticmethod
+    def open_shard(path: str, limits: CheckpointLimits) -> TensorSource:
+        raise NotImplementedError
 
 
 class ShardedSafetensorsSource(ShardedSource):
     """`model.safetensors.index.json` and its `.safetensors` shards."""
 
-    shard_source = SafetensorsSource
+    @staticmethod
+    def open_shard(path, limits):
+        return SafetensorsSource(path, limits)
 
 
 class ShardedTorchBinSource(ShardedSource):
     """`pytorch_model.bin.index.json` and its `.bin` shards."""
 
-    shard_source = TorchBinSource
+    @staticmethod
+    def open_shard(path, limits):
+        return TorchBinSource(path)
 
 
 class PrefixedSource(TensorSource):
@@ -365,13 +443,13 @@ class MergedSource(TensorSource):
         return _lookup(self._source_of, key, self.name)
 
 
-def _open_file(path: str) -> TensorSource:
+def _open_file(path: str, limits: CheckpointLimits) -> TensorSource:
     if path.endswith(".safetensors.index.json"):
-        return ShardedSafetensorsSource(path)
+        return ShardedSafetensorsSource(path, limits)
     if path.endswith(".bin.index.json"):
-        return ShardedTorchBinSource(path)
+        return ShardedTorchBinSource(path, limits)
     if path.endswith(".safetensors"):
-        return SafetensorsSource(path)
+        return SafetensorsSource(path, limits)
     if path.endswith((".bin", ".pt", ".pth")):
         return TorchBinSource(path)
     raise ValueError(
@@ -380,15 +458,15 @@ def _open_file(path: str) -> TensorSource:
     )
 
 
-def _open_hf_directory(directory: str) -> TensorSource | None:
+def _open_hf_directory(directory: str, limits: CheckpointLimits) -> TensorSource | None:
     for name in HF_CHECKPOINT_FILES:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
-            return _open_file(path)
+            return _open_file(path, limits)
     return None
 
 
-def open_checkpoint(path: str | os.PathLike) -> tuple[TensorSource, str]:
+def open_checkpoint(path: str | os.PathLike, limits: CheckpointLimits = DEFAULT_LIMITS) -> tuple[TensorSource, str]:
     """Opens a PyTorch checkpoint in any of the layouts the authors' weights come in.
 
     Returns:
@@ -397,13 +475,16 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[TensorSource, str]:
       - "hf": `path` is a directory holding one of `HF_CHECKPOINT_FILES` (the first found wins);
       - "release": `path` holds some of the folders of `RELEASE_PREFIXES`, each an HF-style checkpoint
         with its module prefix stripped; the source puts the prefixes back (module-path keys).
+
+    Headers and indexes are held to `limits` before they are parsed; problems in a file raise a
+    `CheckpointError` naming it.
     """
     path = os.fspath(path)
     if os.path.isfile(path):
-        return _open_file(path), "file"
+        return _open_file(path, limits), "file"
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint at {path}: it does not exist")
-    hf = _open_hf_directory(path)
+    hf = _open_hf_directory(path, limits)
     if hf is not None:
         return hf, "hf"
     folders = [f for f in RELEASE_PREFIXES if os.path.isdir(os.path.join(path, f))]
@@ -414,7 +495,7 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[TensorSource, str]:
         )
     parts = []
     for folder in folders:
-        inner = _open_hf_directory(os.path.join(path, folder))
+        inner = _open_hf_directory(os.path.join(path, folder), limits)
         if inner is None:
             raise FileNotFoundError(
                 f"{os.path.join(path, folder)} holds none of {', '.join(HF_CHECKPOINT_FILES)}"

@@ -35,7 +35,8 @@ from flax import nnx
 from grain import checkpoint as grain_checkpoint
 
 from med2e3_jax import sharding
-from med2e3_jax.checkpoint.orbax_params import PARAMS_ITEM
+from med2e3_jax.checkpoint.errors import CorruptCheckpointError
+from med2e3_jax.checkpoint.orbax_params import PARAMS_ITEM, check_chunk_files, check_shapes, read_or_explain
 
 CHECKPOINT_DIR = "checkpoints"
 PARAMS = "params"
@@ -220,7 +221,9 @@ class TrainCheckpointer:
 
     def saved_config(self, step: int | None = None) -> ml_collections.ConfigDict:
         step = self._step_or_latest(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
+        restored = read_or_explain(
+            lambda: self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})),
+            os.path.join(self.directory, str(step), CONFIG))
         return ml_collections.ConfigDict(restored[CONFIG])
 
     def restore_params(self, model: nnx.Module, trainable, step: int | None = None) -> int:
@@ -232,8 +235,12 @@ class TrainCheckpointer:
         step = self._step_or_latest(step)
         params = nnx.state(model, trainable)
         target = _live_target(nnx.to_pure_dict(params))
-        _check_shapes(self.manager.item_metadata(step)[PARAMS], target, os.path.join(self.directory, str(step), PARAMS))
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
+        where = os.path.join(self.directory, str(step))
+        metadata = read_or_explain(lambda: self.manager.item_metadata(step), where)
+        check_shapes(metadata[PARAMS], target, os.path.join(where, PARAMS))
+        restored = read_or_explain(
+            lambda: self.manager.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})),
+            where)
         nnx.replace_by_pure_dict(params, restored[PARAMS])
         nnx.update(model, params)
         return step
@@ -248,10 +255,10 @@ class TrainCheckpointer:
         opt_state = nnx.state(optimizer)
         params_target = _live_target(nnx.to_pure_dict(params))
         opt_target = _live_target(nnx.to_pure_dict(opt_state))
-        metadata = self.manager.item_metadata(step)
         where = os.path.join(self.directory, str(step))
-        _check_shapes(metadata[PARAMS], params_target, os.path.join(where, PARAMS))
-        _check_shapes(metadata[OPTIMIZER], opt_target, os.path.join(where, OPTIMIZER))
+        metadata = read_or_explain(lambda: self.manager.item_metadata(step), where)
+        check_shapes(metadata[PARAMS], params_target, os.path.join(where, PARAMS))
+        check_shapes(metadata[OPTIMIZER], opt_target, os.path.join(where, OPTIMIZER))
         items = {
             PARAMS: ocp.args.StandardRestore(params_target),
             OPTIMIZER: ocp.args.StandardRestore(opt_target),
@@ -263,7 +270,7 @@ class TrainCheckpointer:
         if os.path.exists(_iterator_state_file(where)):
             data_snapshot = _IteratorSnapshot()
             items[DATA_ITERATOR] = _DataIteratorRestore(data_snapshot)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = read_or_explain(lambda: self.manager.restore(step, args=ocp.args.Composite(**items)), where)
         nnx.replace_by_pure_dict(params, restored[PARAMS])
         nnx.update(model, params)
         nnx.replace_by_pure_dict(opt_state, restored[OPTIMIZER])
@@ -320,26 +327,11 @@ def load_base_params(directory: str | os.PathLike, model: nnx.Module) -> None:
     params = nnx.state(model, nnx.Param)
     target = _live_target(params)
     with ocp.StandardCheckpointer() as checkpointer:
-        _check_shapes(checkpointer.metadata(path).item_metadata.tree, target, path)
-        restored = checkpointer.restore(path, target)
+        metadata = read_or_explain(lambda: checkpointer.metadata(path).item_metadata, path)
+        if metadata is None:
+            raise CorruptCheckpointError(f"{path}: its metadata cannot be read; train.base_checkpoint must be a "
+                                         "directory written by save_params (med2e3-convert)", path=path)
+        check_shapes(metadata.tree, target, path)
+        check_chunk_files(metadata.tree, path)
+        restored = read_or_explain(lambda: checkpointer.restore(path, target), path)
     nnx.update(model, restored)
-
-
-def _path(key_path) -> str:
-    """'a/0/b' for dict keys, sequence indices and attributes alike: Orbax's metadata has string keys
-    where the live tree may have integers (optax's chained states)."""
-    parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in key_path)
-    return "/".join(str(p) for p in parts)
-
-
-def _check_shapes(saved, target, where: str) -> None:
-    """Names the first array whose saved shape differs from the model's (Orbax's own error does not)."""
-    saved_flat = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    target_flat = {_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
-    missing = sorted(set(target_flat) - set(saved_flat))
-    if missing:
-        raise ValueError(f"{where} lacks {len(missing)} of the arrays the model needs, e.g. {missing[:3]}")
-    for key, want in target_flat.items():
-        shape = tuple(getattr(saved_flat[key], "shape", None) or ())
-        if shape != tuple(want.shape):
-            raise ValueError(f"{where}: {key} has shape {shape}, the model expects {tuple(want.shape)}")

@@ -58,6 +58,7 @@ from med2e3_jax.train.checkpointing import (
     load_base_params,
 )
 from med2e3_jax.train.metrics import MetricsWriter
+from med2e3_jax.train_config import validate_experiment_config
 
 CONFIG_FILE = "config.json"
 AGREE_TIMEOUT_S = 3600  # how long a process waits for the others at a step (the first step compiles)
@@ -314,6 +315,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
 
 def _train(config, workdir, make_iterator) -> TrainResult:
+    validate_experiment_config(config)  # before anything is built or written: name the key at fault
     workdir = os.path.abspath(os.fspath(workdir))
     sharding.initialize_distributed(config.distributed)
     process_index, process_count = jax.process_index(), jax.process_count()
