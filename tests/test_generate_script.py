@@ -1,4 +1,5 @@
-"""scripts/generate.py end to end: a phantom NIfTI and a random tiny model in, an answer and a PNG out."""
+"""scripts/generate.py end to end: a phantom NIfTI and a random tiny model (loaded with nf4 LLM
+projections) in, an answer and a PNG out."""
 
 import os
 import pathlib
@@ -32,7 +33,8 @@ def test_generate_script_answers_a_phantom_nifti_and_writes_the_slice_figure(tmp
 
     command = [sys.executable, str(ROOT / "scripts" / "generate.py"), f"--volume={volume}",
                "--question=Which organ shows a lesion?", f"--checkpoint={tmp_path / 'model'}",
-               f"--tokenizer={tokenizers[0]}", f"--question_tokenizer={tokenizers[1]}", "--max_new_tokens=3"]
+               f"--tokenizer={tokenizers[0]}", f"--question_tokenizer={tokenizers[1]}", "--max_new_tokens=3",
+               "--quantize=nf4"]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -40,3 +42,4 @@ def test_generate_script_answers_a_phantom_nifti_and_writes_the_slice_figure(tmp
     assert figure.stat().st_size > 10_000
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(result.stdout.splitlines()) == 1  # one question, one answer (random weights: any text)
+    assert "quantized 8 Linear kernels to nf4" in result.stderr

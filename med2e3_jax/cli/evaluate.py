@@ -6,7 +6,8 @@ r"""Scores a Med-2E3 checkpoint on one of the paper's benchmarks, the way the au
 
 Tasks: m3d_cap, m3d_vqa_closed, m3d_vqa_open, ctrate_report, ctrate_long, ctrate_short, ctrate_choice.
 `checkpoint` is a folder written by `med2e3_jax.checkpoint.orbax_params.save_params` (Orbax params and
-model_config.json). Greedy decoding, as the authors evaluate. The outputs go to OUTPUT_DIR/TASK/
+model_config.json); `--config.quantize.qtype=int8|nf4` loads its LLM projections quantized
+(`med2e3_jax.quantize`). Greedy decoding, as the authors evaluate. The outputs go to OUTPUT_DIR/TASK/
 (predictions.jsonl, predictions.json, metrics.json, metrics.md); rerunning the same command generates only
 the samples not yet predicted. Without `bertscore_model` (a local HF model folder; the authors' is
 roberta-large, layer 17) BERTScore is skipped and metrics.json says so.
@@ -25,6 +26,8 @@ from med2e3_jax.cli import run_command
 
 
 def eval_config() -> ConfigDict:
+    from med2e3_jax.quantize import quantize_config
+
     return ConfigDict(
         dict(
             task="m3d_vqa_closed",
@@ -35,6 +38,7 @@ def eval_config() -> ConfigDict:
             max_voxels=1024 * 1024 * 2048,  # what one volume file may ask for (data_pipelines.readers.VolumeLimits)
             min_extent=8,
             checkpoint="",  # a save_params folder
+            quantize=quantize_config(),  # qtype '' | 'int8' | 'nf4', module_path, tile_size (med2e3_jax.quantize)
             output_dir="runs/eval",
             limit=0,  # evaluate the first N records only (0: all)
             batch_size=4,
@@ -112,6 +116,18 @@ class Predictor:
                 for i in range(len(records))]
 
 
+def load_model(config: ConfigDict):
+    """The checkpoint's model, its kernels quantized as `config.quantize` says."""
+    from med2e3_jax.checkpoint.orbax_params import restore_params
+    from med2e3_jax.quantize import check_quantize_config, quantize_weights
+
+    try:
+        check_quantize_config(config.quantize)  # before the (slow) restore
+    except ValueError as error:
+        raise app.UsageError(f"--config.{error}") from None
+    return quantize_weights(restore_params(config.checkpoint), config.quantize)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -122,7 +138,6 @@ def main(argv):
 
     from data_pipelines.assets import asset_path
     from data_pipelines.templates import load_tokenizer
-    from med2e3_jax.checkpoint.orbax_params import restore_params
     from med2e3_jax.evaluation import BertScore, evaluate, get_task, load_task_records
 
     task = get_task(config.task)
@@ -135,7 +150,7 @@ def main(argv):
                                   batch_size=config.bertscore_batch_size)
         else:
             logging.warning("BERTScore skipped: no --config.bertscore_model (a local HF model folder)")
-    model = restore_params(config.checkpoint)
+    model = load_model(config)
     tokenizer = load_tokenizer(config.tokenizer_path or asset_path("tokenizers/phi3"))
     question_tokenizer = load_tokenizer(config.question_tokenizer_path or asset_path("minilm"))
     predictor = Predictor(model, config, tokenizer, question_tokenizer)

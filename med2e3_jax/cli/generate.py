@@ -8,7 +8,8 @@ r"""Ask Med-2E3 about a CT: the answer on stdout, where TG-IS looked as a PNG be
 The volume is a `.npy` (M3D, already in [0, 1]), a `.nii` / `.nii.gz` or a DICOM series directory,
 preprocessed as for evaluation (`data_pipelines.preprocess.preprocess_volume`). The model comes from an
 Orbax checkpoint written by `save_params` (`--checkpoint`, its config inside) or from the authors' PyTorch
-checkpoint, imported on the fly (`--pytorch` with `--config`). Tokenizers default to the fetched assets
+checkpoint, imported on the fly (`--pytorch` with `--config`); `--quantize int8|nf4` stores the LLM's projections
+quantized after loading (`med2e3_jax.quantize`). Tokenizers default to the fetched assets
 (`med2e3-fetch-assets`): Phi-3's for the prompt, MiniLM's uncased BERT vocabulary for the TG-IS question.
 
 Each `--question` is one row of a batch; one answer line per question is printed, in order. The figure is
@@ -33,6 +34,7 @@ from med2e3_jax import config as config_lib
 from med2e3_jax import viz
 from med2e3_jax.cli import run_command
 from med2e3_jax.generate import GenerationConfig, generate
+from med2e3_jax.quantize import LLM_PROJECTIONS, QTYPES, quantize_config, quantize_weights
 
 FLAGS = flags.FLAGS
 
@@ -66,6 +68,12 @@ def define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_float("top_p", 1.0, "sampling: keep the smallest set of tokens with this much probability",
                        flag_values=flag_values)
     flags.DEFINE_integer("seed", 0, "sampling PRNG seed", flag_values=flag_values)
+    flags.DEFINE_enum("quantize", "", ["", *QTYPES], "load the base quantized: int8 or nf4 weights of the modules "
+                      "--quantize_modules names (qwix, weight-only)", flag_values=flag_values)
+    flags.DEFINE_string("quantize_modules", LLM_PROJECTIONS, "regex on the module paths of the Linears to quantize",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("quantize_tile_size", -1, "kernel input rows per scale (0: one per output channel; -1: "
+                         "the qtype's default, 64 for nf4)", flag_values=flag_values)
     flags.DEFINE_string("out", None, "the PNG to write (default: <volume>_slices.png beside the volume)",
                         flag_values=flag_values)
     flags.mark_flags_as_required(["volume", "question"], flag_values=flag_values)
@@ -110,6 +118,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     model, experiment = load_model()
+    try:
+        model = quantize_weights(model, quantize_config(qtype=FLAGS.quantize, module_path=FLAGS.quantize_modules,
+                                                        tile_size=FLAGS.quantize_tile_size))
+    except ValueError as error:
+        raise app.UsageError(f"--quantize: {error}") from None
     cfg = model.cfg
     tokenizer = load_tokenizer(FLAGS.tokenizer or asset_path("tokenizers/phi3"))
     if tokenizer.pad_token_id is None:
