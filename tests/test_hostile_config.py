@@ -108,3 +108,38 @@ def test_the_shipped_configs_validate():
     for module in (tiny, medium, med2e3_m3d):
         for stage in ("pretrain", "finetune", "finetune_lora"):
             validate_experiment_config(module.get_config(stage))
+
+
+def _closed_record(record_id, question, volume, letter="A"):
+    return {"id": record_id, "vision3d": [volume], "question_type": 1, "answer_choice": letter,
+            "conversations": [{"from": "human", "value": f"<image3d>\n{question} Choices: A. Yes B. No"},
+                              {"from": "gpt", "value": f"{letter}. Whatever"}]}
+
+
+@pytest.mark.parametrize("edit, predicted_again", [
+    (lambda r: r["conversations"][0].update(value="<image3d>\nIs the liver enlarged? Choices: A. Yes B. No"), True),
+    (lambda r: r.update(vision3d=["other.npy"]), True),
+    (lambda r: r.update(answer_choice="B") or r["conversations"][1].update(value="B. Whatever"), False),
+    (lambda r: None, False),
+])
+def test_an_evaluation_rerun_predicts_again_only_the_records_whose_input_changed(tmp_path, edit, predicted_again):
+    from med2e3_jax.evaluation import evaluate
+
+    seen = []
+
+    def predict(batch):
+        seen.extend(record["id"] for record in batch)
+        return [{"prediction": "A. " + record["conversations"][0]["value"][-30:], "slice_scores": None}
+                for record in batch]
+
+    records = [_closed_record("r0", "Is there a lesion?", "a.npy"), _closed_record("r1", "Is it axial?", "b.npy")]
+    evaluate("m3d_vqa_closed", records, predict, tmp_path, progress=False)
+    assert seen == ["r0", "r1"]
+    edit(records[1])
+    seen.clear()
+    evaluate("m3d_vqa_closed", records, predict, tmp_path, progress=False)
+    assert seen == (["r1"] if predicted_again else [])
+    import json
+
+    stored = {row["id"]: row["prediction"] for row in json.loads((tmp_path / "predictions.json").read_text())}
+    assert stored["r1"] == predict([records[1]])[0]["prediction"] or not predicted_again

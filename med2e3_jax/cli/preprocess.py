@@ -53,10 +53,12 @@ def main(argv):
     print(f"source: {volume.source}")
     print(f"  shape (depth, height, width): {volume.array.shape}, spacing {spacing}")
     print(f"  values {float(volume.array.min()):g} .. {float(volume.array.max()):g} (read as {modality})")
-    if os.path.dirname(FLAGS.output):
-        os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)
-    np.save(FLAGS.output, array)
-    print(f"wrote {FLAGS.output}: {array.dtype} {array.shape}, "
+    # np.save appends .npy to a name without it: name the file it writes, not the one asked for.
+    output = FLAGS.output if FLAGS.output.endswith(".npy") else FLAGS.output + ".npy"
+    if os.path.dirname(output):
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+    np.save(output, array)
+    print(f"wrote {output}: {array.dtype} {array.shape}, "
           f"values {float(array.min()):g} .. {float(array.max()):g}")
 
 

@@ -8,6 +8,8 @@ The model is behind `predict_fn(records) -> [{"prediction": str, "slice_scores":
 PyTorch reference, or a fake in tests. Predictions are appended to `predictions.jsonl` and flushed to
 disk after each batch: a rerun of the same command reads them back and generates only what is missing,
 so an interrupted evaluation loses at most one batch. A line cut short by the interruption is dropped.
+Each line carries the fingerprint of the record it answered (`input_fingerprint`): a record whose
+question, volume or prompt changed since is predicted again rather than given the old answer.
 
 Outputs in `out_dir`:
   predictions.jsonl  the log: one line per generated sample
@@ -19,6 +21,7 @@ Outputs in `out_dir`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -92,7 +95,12 @@ def evaluate(
     check_unique_ids([s["id"] for s in samples])
     log_path = out / PREDICTIONS_LOG
     done = read_predictions(log_path)
-    todo = [i for i, s in enumerate(samples) if s["id"] not in done]
+    inputs = [input_fingerprint(record) for record in records]
+    todo = [i for i, s in enumerate(samples) if done.get(s["id"], {}).get("input") != inputs[i]]
+    changed = sum(1 for i in todo if samples[i]["id"] in done)
+    if changed:
+        logger.info("%s: %d records changed since %s predicted them (or it predates fingerprints): predicting "
+                    "them again", task.name, changed, log_path)
     if done:
         logger.info("%s: %d of %d records already predicted in %s", task.name, len(samples) - len(todo),
                     len(samples), log_path)
@@ -106,7 +114,7 @@ def evaluate(
             if len(results) != len(batch):
                 raise ValueError(f"predict_fn returned {len(results)} results for a batch of {len(batch)} records")
             for i, result in zip(batch, results):
-                row = {"id": samples[i]["id"], **_prediction(result, samples[i]["id"])}
+                row = {"id": samples[i]["id"], "input": inputs[i], **_prediction(result, samples[i]["id"])}
                 log.write(json.dumps(row) + "\n")
                 done[row["id"]] = row
             log.flush()
@@ -128,6 +136,16 @@ def evaluate(
     _write_atomic(out / METRICS_JSON, json.dumps(summary, indent=1))
     _write_atomic(out / METRICS_MD, markdown_table(summary))
     return summary
+
+
+def input_fingerprint(record: Mapping) -> str:
+    """A digest of what a prediction depends on: the record without its references (`answer`,
+    `answer_choice`, the final gpt turn), which are scored against but never shown to the model."""
+    prompt = {key: value for key, value in record.items() if key not in ("answer", "answer_choice")}
+    turns = list(prompt.get("conversations") or [])
+    if turns and isinstance(turns[-1], Mapping) and turns[-1].get("from") == "gpt":
+        prompt["conversations"] = turns[:-1]
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _sample(task: Task, record: Mapping, index: int) -> dict:
